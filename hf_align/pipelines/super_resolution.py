@@ -1,0 +1,234 @@
+"""SR3-style diffusion super-resolution as a diffusers ``DiffusionPipeline``."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+__all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample"]
+
+
+def bicubic_upsample(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
+    """Bicubic up-sampling of ``(B, C, h, w)`` to ``(B, C, s*h, s*w)`` (``align_corners=False``), clamped to [-1, 1]."""
+    return F.interpolate(x, scale_factor=scale_factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
+
+
+def bicubic_downsample(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
+    """Anti-aliased bicubic down-sampling (as PIL/MATLAB ``imresize``) of ``(B, C, H, W)`` by ``scale_factor``."""
+    h, w = x.shape[-2:]
+    if h % scale_factor or w % scale_factor:
+        raise ValueError(f"image size {h}x{w} is not divisible by the scale factor {scale_factor}")
+    return F.interpolate(
+        x, size=(h // scale_factor, w // scale_factor), mode="bicubic", align_corners=False, antialias=True
+    ).clamp(-1.0, 1.0)
+
+
+@dataclass
+class SuperResolutionPipelineOutput(BaseOutput):
+    """``images``: list of PIL images, a ``(B, H, W, C)`` numpy array or a ``(B, C, H, W)`` tensor in [0, 1]."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+
+class SuperResolutionPipeline(DiffusionPipeline):
+    """Super-resolve images with a UNet conditioned by channel concatenation (SR3).
+
+    The low-resolution image ``y`` (in [-1, 1]) is up-sampled bicubically by ``scale_factor`` to ``u``; the UNet
+    sees ``cat([x_t, u])`` (``in_channels = 2 * C``, ``out_channels = C``). Sampling runs the scheduler's reverse
+    process from ``x_T ~ N(0, I)``. If ``residual`` is true the model diffuses ``r = residual_scale * (x - u)``
+    (SRDiff/ResShift) and the output is ``u + r / residual_scale``; otherwise it diffuses the image ``x`` itself.
+
+    Args:
+        unet: a diffusers ``UNet2DModel`` with ``in_channels == 2 * out_channels``.
+        scheduler: any diffusers scheduler (DDPM, DDIM, DPM-Solver, ...).
+        scale_factor: the integer up-scaling factor (stored in ``model_index.json``).
+        residual: whether the UNet was trained on the residual over the bicubic up-sample.
+        residual_scale: the factor the residual was multiplied by in training.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        scale_factor: int = 4,
+        residual: bool = True,
+        residual_scale: float = 1.0,
+    ):
+        super().__init__()
+        if int(scale_factor) != scale_factor or scale_factor < 1:
+            raise ValueError(f"scale_factor must be a positive integer, got {scale_factor}")
+        if residual_scale <= 0:
+            raise ValueError(f"residual_scale must be > 0, got {residual_scale}")
+        cfg = unet.config
+        if cfg.in_channels != 2 * cfg.out_channels:
+            raise ValueError(
+                "SuperResolutionPipeline expects an SR3 UNet with in_channels == 2 * out_channels (noisy sample "
+                f"concatenated with the up-sampled condition); got in_channels={cfg.in_channels}, "
+                f"out_channels={cfg.out_channels}"
+            )
+        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(scale_factor=int(scale_factor), residual=bool(residual),
+                                residual_scale=float(residual_scale))
+        self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def image_channels(self) -> int:
+        return int(self.unet.config.out_channels)
+
+    def size_multiple(self) -> int:
+        n_down = sum(1 for b in self.unet.down_blocks if getattr(b, "downsamplers", None))
+        return 2**n_down
+
+    def _to_tensor(self, image) -> torch.Tensor:
+        """PIL / numpy / tensor (or a list of them) -> ``(B, C, h, w)`` float32 in [-1, 1]."""
+        c = self.image_channels
+        if isinstance(image, (list, tuple)):
+            if len(image) == 0:
+                raise ValueError("image is an empty list; pass at least one image")
+            if all(isinstance(i, PIL.Image.Image) for i in image):
+                parts = [self._to_tensor(i) for i in image]
+                sizes = {tuple(p.shape[-2:]) for p in parts}
+                if len(sizes) > 1:
+                    raise ValueError(f"all images in a batch must have the same size, got {sorted(sizes)}")
+                return torch.cat(parts)
+            if all(isinstance(i, (np.ndarray, torch.Tensor)) for i in image):
+                if all(isinstance(i, np.ndarray) for i in image):
+                    return self._to_tensor(np.stack(image))
+                return torch.cat([self._to_tensor(i if isinstance(i, torch.Tensor) else torch.from_numpy(i))
+                                  for i in image])
+            raise TypeError(f"a list of images must hold PIL images, numpy arrays or tensors, got "
+                            f"{sorted({type(i).__name__ for i in image})}")
+        if isinstance(image, PIL.Image.Image):
+            mode = {1: "L", 3: "RGB"}.get(c)
+            if mode is None:
+                raise ValueError(f"the UNet works on {c}-channel images; pass numpy arrays or tensors, not PIL")
+            arr = np.asarray(image.convert(mode), dtype=np.float32) / 255.0
+            if arr.ndim == 2:
+                arr = arr[..., None]
+            return torch.from_numpy(arr).permute(2, 0, 1)[None] * 2.0 - 1.0
+        if isinstance(image, np.ndarray):
+            if image.ndim == 2:
+                image = image[..., None]
+            if image.ndim == 3:
+                image = image[None]
+            if image.ndim != 4:
+                raise ValueError(f"numpy images must be (H, W), (H, W, C) or (B, H, W, C); got shape {image.shape}")
+            if image.shape[0] == 0:
+                raise ValueError("image batch is empty; pass at least one image")
+            if image.shape[-1] != c:
+                raise ValueError(f"expected {c} channels last (B, H, W, {c}), got shape {image.shape}")
+            if image.dtype == np.uint8:
+                arr = image.astype(np.float32) / 255.0
+            else:
+                arr = image.astype(np.float32)
+            return self._check_range(torch.from_numpy(arr).permute(0, 3, 1, 2)) * 2.0 - 1.0
+        if isinstance(image, torch.Tensor):
+            x = image
+            if x.ndim == 3:
+                x = x[None]
+            if x.ndim != 4:
+                raise ValueError(f"tensor images must be (C, H, W) or (B, C, H, W); got shape {tuple(image.shape)}")
+            if x.shape[0] == 0:
+                raise ValueError("image batch is empty; pass at least one image")
+            if x.shape[1] != c:
+                raise ValueError(f"expected {c} channels first (B, {c}, H, W), got shape {tuple(image.shape)}")
+            return self._check_range(x.float()) * 2.0 - 1.0
+        raise TypeError(f"image must be a PIL image, numpy array, torch tensor or a list of them; got "
+                        f"{type(image).__name__}")
+
+    @staticmethod
+    def _check_range(x: torch.Tensor) -> torch.Tensor:
+        if not torch.isfinite(x).all():
+            raise ValueError("image contains NaN or inf values")
+        if x.min() < -1e-3 or x.max() > 1 + 1e-3:
+            raise ValueError(
+                f"numpy/tensor images must be in [0, 1] (or uint8 numpy), got values in "
+                f"[{float(x.min()):.3g}, {float(x.max()):.3g}]"
+            )
+        return x.clamp(0.0, 1.0)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        image,
+        num_inference_steps: int = 50,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        eta: float | None = None,
+    ):
+        """Super-resolve ``image`` (low resolution) by ``scale_factor``.
+
+        Args:
+            image: a PIL image, a numpy array ``(H, W, C)``/``(B, H, W, C)`` (uint8 or float in [0, 1]), a tensor
+                ``(C, H, W)``/``(B, C, H, W)`` in [0, 1], or a list of any of these (one batch).
+            num_inference_steps: scheduler steps.
+            generator: a ``torch.Generator`` (or one per image) for reproducible sampling.
+            output_type: ``"pil"``, ``"np"`` (``(B, H, W, C)`` float in [0, 1]) or ``"pt"`` (``(B, C, H, W)``).
+            eta: passed to ``scheduler.step`` when it takes one (DDIM).
+
+        Returns:
+            :class:`SuperResolutionPipelineOutput` (or a tuple ``(images,)`` if ``return_dict=False``).
+        """
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        lr = self._to_tensor(image)
+        batch = lr.shape[0]
+        s = int(self.config.scale_factor)
+        hr_h, hr_w = lr.shape[-2] * s, lr.shape[-1] * s
+        m = self.size_multiple()
+        if hr_h % m or hr_w % m:
+            raise ValueError(
+                f"the UNet down-samples by {m}, so the output size must be a multiple of {m}; input "
+                f"{lr.shape[-2]}x{lr.shape[-1]} x{s} gives {hr_h}x{hr_w}. Pad or crop the input to a multiple of "
+                f"{m // np.gcd(m, s)}."
+            )
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for a batch of {batch} images")
+
+        device = self._execution_device
+        dtype = self.unet.dtype
+        up = bicubic_upsample(lr, s).to(device=device, dtype=dtype)
+
+        self.scheduler.set_timesteps(int(num_inference_steps), device=device)
+        shape = (batch, self.image_channels, hr_h, hr_w)
+        x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        x = x * getattr(self.scheduler, "init_noise_sigma", 1.0)
+        step_kwargs = {}
+        if eta is not None:
+            step_kwargs["eta"] = eta
+        if generator is not None:
+            step_kwargs["generator"] = generator
+        accepted = set(inspect.signature(self.scheduler.step).parameters)
+        step_kwargs = {k: v for k, v in step_kwargs.items() if k in accepted}
+
+        for t in self.progress_bar(self.scheduler.timesteps):
+            model_in = torch.cat([self.scheduler.scale_model_input(x, t), up], dim=1)
+            pred = self.unet(model_in, t).sample
+            x = self.scheduler.step(pred, t, x, **step_kwargs).prev_sample
+
+        if self.config.residual:
+            out = up + x / float(self.config.residual_scale)
+        else:
+            out = x
+        out = out.clamp(-1.0, 1.0).float()
+        images = self.image_processor.postprocess(out, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return SuperResolutionPipelineOutput(images=images)
