@@ -1,0 +1,7 @@
+"""hf-align: make a transformer's layers first-class on the Hugging Face stack."""
+
+__version__ = "0.1.0"
+
+from .layers import LayerView, register_family, supported_families  # noqa: E402
+
+__all__ = ["LayerView", "register_family", "supported_families", "__version__"]
