@@ -1,0 +1,95 @@
+"""Training arguments for DREAM diffusion super-resolution (:class:`~hf_align.trainers.dream_trainer.DREAMTrainer`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+__all__ = ["DREAMTrainingArguments"]
+
+
+@dataclass
+class DREAMTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the DREAM / SR3 options.
+
+    The loss per step is ``|| target - eps_theta(x_hat_t, up(y), t) ||`` (L1 or squared L2, mean over elements)
+    with ``(x_hat_t, target)`` from :func:`hf_align.diffusion.dream_rectify` and
+    ``lambda_t = sqrt(1 - a_t) ** dream_detail_preservation``; ``dream_detail_preservation = inf`` is standard
+    diffusion training, so the same trainer is the baseline.
+    """
+
+    dream_detail_preservation: float = field(
+        default=1.0,
+        metadata={"help": "DREAM exponent p in lambda_t = sqrt(1 - alphas_cumprod[t]) ** p. 1 = the paper; "
+                  "0 = full rectification; inf = standard training (no extra forward)."},
+    )
+    loss_type: str = field(
+        default="l1", metadata={"help": "Regression loss: 'l1' (official SR3/DREAM code) or 'mse' (diffusers)."}
+    )
+    scale_factor: int = field(default=4, metadata={"help": "Super-resolution factor (HR size / LR size)."})
+    crop_size: int = field(
+        default=32, metadata={"help": "Side of the random high-resolution training crops (LR side = crop / scale)."}
+    )
+    image_column: str = field(default="image", metadata={"help": "Dataset column holding the images."})
+    residual: bool = field(
+        default=True,
+        metadata={"help": "Diffuse the residual HR - bicubic_up(LR) (SRDiff/ResShift) instead of the HR image."},
+    )
+    residual_scale: float = field(
+        default=1.0, metadata={"help": "The residual is multiplied by this before diffusion (and divided after)."}
+    )
+    use_ema: bool = field(default=True, metadata={"help": "Keep an EMA of the weights (diffusers EMAModel)."})
+    ema_decay: float = field(default=0.999, metadata={"help": "Maximum EMA decay."})
+    ema_use_warmup: bool = field(
+        default=True,
+        metadata={"help": "EMA warm-up: decay = 1 - (1 + step / ema_inv_gamma) ** -ema_power (capped)."},
+    )
+    ema_inv_gamma: float = field(default=1.0, metadata={"help": "EMA warm-up inverse multiplicative factor."})
+    ema_power: float = field(default=0.75, metadata={"help": "EMA warm-up exponent."})
+    num_train_timesteps: int = field(
+        default=1000, metadata={"help": "Diffusion steps of the training DDPMScheduler (if none is passed)."}
+    )
+    beta_schedule: str = field(
+        default="linear", metadata={"help": "Beta schedule of the training DDPMScheduler (if none is passed)."}
+    )
+    beta_start: float = field(default=1e-4, metadata={"help": "First beta of the training DDPMScheduler."})
+    beta_end: float = field(default=2e-2, metadata={"help": "Last beta of the training DDPMScheduler."})
+    prediction_type: str = field(
+        default="epsilon",
+        metadata={"help": "What the UNet predicts: 'epsilon', 'v_prediction' or 'sample' (if no scheduler passed)."},
+    )
+    eval_scheduler: str = field(
+        default="ddim", metadata={"help": "Sampler used in evaluation: 'ddim', 'ddpm' or 'dpm' (DPM-Solver++)."}
+    )
+    eval_num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps in evaluation."})
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on the first N eval images only (None = all)."}
+    )
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the sampling noise in evaluation."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False: the collator needs the raw image column."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        p = float(self.dream_detail_preservation)
+        if math.isnan(p) or p < 0:
+            raise ValueError(f"dream_detail_preservation must be >= 0 or inf, got {self.dream_detail_preservation}")
+        if self.loss_type not in ("l1", "mse"):
+            raise ValueError(f"loss_type must be 'l1' or 'mse', got {self.loss_type!r}")
+        if self.scale_factor < 1:
+            raise ValueError(f"scale_factor must be >= 1, got {self.scale_factor}")
+        if self.crop_size % self.scale_factor:
+            raise ValueError(f"crop_size ({self.crop_size}) must be divisible by scale_factor ({self.scale_factor})")
+        if self.eval_scheduler not in ("ddim", "ddpm", "dpm"):
+            raise ValueError(f"eval_scheduler must be 'ddim', 'ddpm' or 'dpm', got {self.eval_scheduler!r}")
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        if self.residual_scale <= 0:
+            raise ValueError(f"residual_scale must be > 0, got {self.residual_scale}")
+        if self.remove_unused_columns:
+            raise ValueError("DREAMTrainingArguments needs remove_unused_columns=False (the collator reads images)")
+        if self.load_best_model_at_end:
+            raise ValueError("load_best_model_at_end is not supported by DREAMTrainer")

@@ -1,0 +1,353 @@
+"""DREAMTrainer: a ``transformers.Trainer`` that trains a diffusers UNet for SR3-style super-resolution with DREAM.
+
+Per step (``a = alphas_cumprod[t]``; ``up = bicubic_up(bicubic_down(hr))``)::
+
+    x0          = residual_scale * (hr - up)      if residual else hr
+    x_hat, tgt  = dream_rectify(unet, scheduler, x0, eps, t, condition=up, detail_preservation=p)
+    loss        = mean |tgt - unet(cat[x_hat, up], t)|      (l1)   or   mean (...)**2  (mse)
+
+``p = inf`` is standard diffusion training (no extra forward), so the same trainer gives the baseline.
+Evaluation samples held-out crops with a few-step scheduler through :class:`SuperResolutionPipeline` (EMA weights
+when kept) and reports PSNR and SSIM from scikit-image, beside the bicubic up-sample.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from transformers import Trainer, TrainerCallback
+
+from hf_align.diffusion.dream import dream_rectify
+from hf_align.pipelines.super_resolution import SuperResolutionPipeline, bicubic_downsample, bicubic_upsample
+
+from .dream_config import DREAMTrainingArguments
+
+__all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics"]
+
+_EMA_STATE = "ema_state.json"
+_TRAIN_UNET = "unet_train"
+_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _image_to_chw(img: Any, channels: int) -> torch.Tensor:
+    """PIL image / HWC array (uint8 or float in [0, 1]) / nested list -> float32 ``(C, H, W)`` in [0, 1]."""
+    if isinstance(img, PIL.Image.Image):
+        img = np.asarray(img.convert("RGB" if channels == 3 else "L"))
+    elif isinstance(img, torch.Tensor):
+        img = img.numpy()
+    arr = np.asarray(img)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise ValueError(f"images must be (H, W) or (H, W, C), got shape {arr.shape}")
+    if arr.shape[-1] != channels:
+        if channels == 3 and arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        elif channels == 3 and arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        else:
+            raise ValueError(f"expected {channels}-channel images (H, W, {channels}), got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / 255.0
+    else:
+        arr = arr.astype(np.float32)
+        if arr.min() < 0 or arr.max() > 1:
+            raise ValueError(f"float images must be in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]")
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
+
+
+class SRPairCollator:
+    """Make (LR, HR) pairs on the fly: a crop of ``crop_size`` (random, or centred when ``random_crop=False``),
+    HR in [-1, 1], LR = anti-aliased bicubic down-sample by ``scale_factor``, ``up`` = bicubic up-sample of LR.
+
+    Returns ``{"hr": (B, C, S, S), "lr": (B, C, S/s, S/s), "up": (B, C, S, S)}``. Random crops draw from torch's
+    global RNG (seeded by the Trainer).
+    """
+
+    def __init__(self, crop_size: int, scale_factor: int, image_column: str = "image", random_crop: bool = True,
+                 channels: int = 3):
+        if crop_size % scale_factor:
+            raise ValueError(f"crop_size ({crop_size}) must be divisible by scale_factor ({scale_factor})")
+        self.crop_size, self.scale_factor = int(crop_size), int(scale_factor)
+        self.image_column, self.random_crop, self.channels = image_column, random_crop, channels
+
+    def _crop(self, img: Any) -> torch.Tensor:
+        s = self.crop_size
+        if isinstance(img, PIL.Image.Image):
+            w, h = img.size
+        else:
+            shape = np.shape(img) if not isinstance(img, torch.Tensor) else tuple(img.shape)
+            h, w = shape[0], shape[1]
+        if h < s or w < s:
+            raise ValueError(f"image of size {h}x{w} is smaller than crop_size={s}")
+        if self.random_crop:
+            top = int(torch.randint(0, h - s + 1, ()).item())
+            left = int(torch.randint(0, w - s + 1, ()).item())
+        else:
+            top, left = (h - s) // 2, (w - s) // 2
+        if isinstance(img, PIL.Image.Image):
+            return _image_to_chw(img.crop((left, top, left + s, top + s)), self.channels)
+        return _image_to_chw(np.asarray(img)[top : top + s, left : left + s], self.channels)
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if len(features) == 0:
+            raise ValueError("empty batch")
+        if self.image_column not in features[0]:
+            raise KeyError(f"column {self.image_column!r} not in dataset features {sorted(features[0])}")
+        hr = torch.stack([self._crop(f[self.image_column]) for f in features]) * 2.0 - 1.0
+        lr = bicubic_downsample(hr, self.scale_factor)
+        up = bicubic_upsample(lr, self.scale_factor)
+        return {"hr": hr, "lr": lr, "up": up}
+
+
+def sr_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
+    """Mean PSNR and SSIM (scikit-image; data range 1, Gaussian window sigma 1.5 as the paper) over a batch of
+    ``(B, H, W, C)`` images in [0, 1], accumulated in float64."""
+    psnr, ssim = [], []
+    for a, b in zip(sr.astype(np.float64), hr.astype(np.float64)):
+        psnr.append(peak_signal_noise_ratio(b, a, data_range=1.0))
+        ssim.append(structural_similarity(b, a, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
+                                          use_sample_covariance=False))
+    return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+class EMACallback(TrainerCallback):
+    """Update a diffusers ``EMAModel`` after every optimizer step."""
+
+    def __init__(self, ema: EMAModel, trainer: DREAMTrainer):
+        self.ema, self.trainer = ema, trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.ema.to(device=self.trainer._unet().device)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ema.step(self.trainer._unet().parameters())
+
+
+class DREAMTrainer(Trainer):
+    """Train a diffusers ``UNet2DModel`` (``in_channels = 2 * out_channels``, SR3 concat) with DREAM.
+
+    Args:
+        model: the UNet (e.g. :func:`hf_align.diffusion.sr_unet`).
+        args: :class:`DREAMTrainingArguments`.
+        train_dataset / eval_dataset: ``datasets.Dataset`` with an image column (PIL or HWC arrays); images
+            are cropped and down-sampled on the fly by :class:`SRPairCollator` (centre crops for evaluation).
+        noise_scheduler: the training scheduler (default: a ``DDPMScheduler`` built from ``args``).
+    Other keyword arguments go to ``transformers.Trainer``.
+
+    Checkpoints are :class:`SuperResolutionPipeline` folders (``model_index.json``, ``unet/`` with the EMA
+    weights when kept, ``scheduler/``), plus ``unet_train/`` (the raw weights) and ``ema_state.json``.
+    """
+
+    def __init__(self, model=None, args: DREAMTrainingArguments | None = None, train_dataset=None,
+                 eval_dataset=None, noise_scheduler=None, data_collator=None, **kwargs):
+        if args is None:
+            raise ValueError("DREAMTrainer needs args=DREAMTrainingArguments(...)")
+        if not isinstance(args, DREAMTrainingArguments):
+            raise TypeError(f"args must be DREAMTrainingArguments, got {type(args).__name__}")
+        if model is None or not hasattr(model, "config") or not hasattr(model.config, "in_channels"):
+            raise TypeError("model must be a diffusers UNet2DModel (see hf_align.diffusion.sr_unet)")
+        if model.config.in_channels != 2 * model.config.out_channels:
+            raise ValueError(
+                f"the UNet must take the noisy sample concatenated with the condition: in_channels == "
+                f"2 * out_channels, got {model.config.in_channels} and {model.config.out_channels}"
+            )
+        self.image_channels = int(model.config.out_channels)
+        if noise_scheduler is None:
+            noise_scheduler = DDPMScheduler(
+                num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
+                beta_start=args.beta_start, beta_end=args.beta_end, prediction_type=args.prediction_type,
+            )
+        self.noise_scheduler = noise_scheduler
+        if data_collator is None:
+            data_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, True,
+                                           self.image_channels)
+        self.eval_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, False,
+                                            self.image_channels)
+        self.ema = None
+        if args.use_ema:
+            self.ema = EMAModel(model.parameters(), decay=args.ema_decay, use_ema_warmup=args.ema_use_warmup,
+                                inv_gamma=args.ema_inv_gamma, power=args.ema_power, model_cls=type(model),
+                                model_config=model.config)
+        super().__init__(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         data_collator=data_collator, **kwargs)
+        if self.ema is not None:
+            self.add_callback(EMACallback(self.ema, self))
+        self.train_wall_time = 0.0  # seconds spent in training steps only (no evaluation), for wall-clock plots
+
+    # ------------------------------------------------------------------ helpers
+    def _unet(self):
+        return self.accelerator.unwrap_model(self.model)
+
+    def model_input_target(self, model, inputs: dict[str, torch.Tensor]):
+        """Draw ``(t, eps)`` and return ``(model_input, target, t)`` after DREAM rectification."""
+        args: DREAMTrainingArguments = self.args
+        hr, up = inputs["hr"], inputs["up"]
+        x0 = args.residual_scale * (hr - up) if args.residual else hr
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        rect = dream_rectify(model, self.noise_scheduler, x0, noise, t, condition=up,
+                             detail_preservation=args.dream_detail_preservation)
+        return rect.model_input, rect.target, t
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        model_input, target, t = self.model_input_target(model, inputs)
+        pred = model(model_input, t).sample
+        if self.args.loss_type == "l1":
+            loss = F.l1_loss(pred.float(), target.float())
+        else:
+            loss = F.mse_loss(pred.float(), target.float())
+        return (loss, pred) if return_outputs else loss
+
+    def training_step(self, *a, **kw):
+        start = time.perf_counter()
+        out = super().training_step(*a, **kw)
+        self.train_wall_time += time.perf_counter() - start
+        return out
+
+    def pipeline(self, scheduler: str | None = None) -> SuperResolutionPipeline:
+        """A :class:`SuperResolutionPipeline` around the current (raw) UNet and a sampler built from the training
+        scheduler's config (``'ddim'``, ``'ddpm'`` or ``'dpm'``). Use :meth:`ema_weights` for the EMA weights."""
+        name = scheduler or self.args.eval_scheduler
+        cls = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler, "dpm": DPMSolverMultistepScheduler}.get(name)
+        if cls is None:
+            raise ValueError(f"scheduler must be 'ddim', 'ddpm' or 'dpm', got {name!r}")
+        sched = cls.from_config(self.noise_scheduler.config)
+        pipe = SuperResolutionPipeline(self._unet(), sched, scale_factor=self.args.scale_factor,
+                                       residual=self.args.residual, residual_scale=self.args.residual_scale)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    class _EMAWeights:
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def __enter__(self):
+            ema = self.trainer.ema
+            if ema is not None:
+                params = list(self.trainer._unet().parameters())
+                ema.store(params)
+                ema.copy_to(params)
+
+        def __exit__(self, *exc):
+            if self.trainer.ema is not None:
+                self.trainer.ema.restore(list(self.trainer._unet().parameters()))
+
+    def ema_weights(self):
+        """Context manager: the UNet holds the EMA weights inside (no-op without EMA)."""
+        return self._EMAWeights(self)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate_sr(self, eval_dataset=None, num_inference_steps: int | None = None, scheduler: str | None = None,
+                    max_samples: int | None = None, use_ema: bool = True) -> dict[str, float]:
+        """Sample SR images for the eval crops and return PSNR/SSIM (model and bicubic), no logging."""
+        ds = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if ds is None:
+            raise ValueError("no eval_dataset given to evaluate")
+        n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
+        if n == 0:
+            raise ValueError("eval_dataset is empty")
+        steps = int(num_inference_steps or self.args.eval_num_inference_steps)
+        pipe = self.pipeline(scheduler)
+        unet = self._unet()
+        was_training = unet.training
+        unet.eval()
+        gen = torch.Generator(device="cpu").manual_seed(self.args.eval_seed)
+        bs = self.args.per_device_eval_batch_size
+        sr_all, hr_all, up_all = [], [], []
+        ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
+        try:
+            with ctx:
+                for start in range(0, n, bs):
+                    batch = self.eval_collator([ds[i] for i in range(start, min(n, start + bs))])
+                    lr01 = ((batch["lr"] + 1) / 2).clamp(0, 1)
+                    sr_all.append(pipe(lr01, num_inference_steps=steps, generator=gen, output_type="np").images)
+                    hr_all.append(((batch["hr"] + 1) / 2).permute(0, 2, 3, 1).numpy())
+                    up_all.append(((batch["up"] + 1) / 2).permute(0, 2, 3, 1).numpy())
+        finally:
+            unet.train(was_training)
+        sr, hr, up = np.concatenate(sr_all), np.concatenate(hr_all), np.concatenate(up_all)
+        psnr, ssim = sr_metrics(sr, hr)
+        bpsnr, bssim = sr_metrics(up, hr)
+        return {"psnr": psnr, "ssim": ssim, "bicubic_psnr": bpsnr, "bicubic_ssim": bssim, "num_samples": n,
+                "num_inference_steps": steps}
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
+                 num_inference_steps: int | None = None):
+        """Sample the eval crops with ``args.eval_scheduler`` for ``args.eval_num_inference_steps`` steps and log
+        ``{prefix}_psnr``, ``{prefix}_ssim``, ``{prefix}_bicubic_psnr``, ``{prefix}_bicubic_ssim``."""
+        start = time.time()
+        res = self.evaluate_sr(eval_dataset, num_inference_steps=num_inference_steps,
+                               max_samples=self.args.eval_max_samples)
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in res.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Save a :class:`SuperResolutionPipeline` (EMA weights in ``unet/`` when kept, raw in ``unet_train/``)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        unet = self._unet()
+        pipe = SuperResolutionPipeline(unet, DDPMScheduler.from_config(self.noise_scheduler.config),
+                                       scale_factor=self.args.scale_factor, residual=self.args.residual,
+                                       residual_scale=self.args.residual_scale)
+        if self.ema is not None:
+            unet.save_pretrained(os.path.join(output_dir, _TRAIN_UNET))
+            with self.ema_weights():
+                pipe.save_pretrained(output_dir)
+            with open(os.path.join(output_dir, _EMA_STATE), "w") as f:
+                json.dump({"optimization_step": int(self.ema.optimization_step), "decay": float(self.ema.decay)}, f)
+        else:
+            pipe.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+            f.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Resume from a folder written by :meth:`_save` (safetensors only)."""
+        model = self._unet() if model is None else model
+        train_path = os.path.join(resume_from_checkpoint, _TRAIN_UNET, _WEIGHTS)
+        ema_path = os.path.join(resume_from_checkpoint, "unet", _WEIGHTS)
+        if not os.path.isfile(ema_path):
+            raise ValueError(f"no diffusers UNet found in {resume_from_checkpoint} (expected unet/{_WEIGHTS})")
+        raw = load_file(train_path if os.path.isfile(train_path) else ema_path)
+        model.load_state_dict(raw)
+        if self.ema is not None:
+            ema_sd = load_file(ema_path)
+            names = [name for name, _ in model.named_parameters()]
+            self.ema.shadow_params = [ema_sd[name].clone().to(p.device) for name, p in zip(names, model.parameters())]
+            state_file = os.path.join(resume_from_checkpoint, _EMA_STATE)
+            if os.path.isfile(state_file):
+                with open(state_file) as f:
+                    self.ema.optimization_step = json.load(f)["optimization_step"]
+
+    def _load_rng_state(self, checkpoint):  # rng_state.pth is pickled; fall back to the Trainer's seed instead
+        if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "rng_state.pth")):
+            return
+        super()._load_rng_state(checkpoint)
+
+    @property
+    def detail_preservation(self) -> float:
+        return float(self.args.dream_detail_preservation)
+
+    @property
+    def is_standard(self) -> bool:
+        return math.isinf(self.detail_preservation)
