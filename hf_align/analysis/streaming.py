@@ -105,15 +105,16 @@ def _check_finite(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} contains NaN or inf; similarity needs finite features")
 
 
-def _block_sum(m: torch.Tensor, offs: list[int], axis_both: bool = True) -> torch.Tensor:
-    """Sum a (D x D) matrix over its (K x K) blocks -> (K x K)."""
+def _block_sq_norm(m: torch.Tensor, offs: list[int]) -> torch.Tensor:
+    """(K x K) squared Frobenius norms of the blocks of a (D x D) matrix, without a D x D temporary."""
     K = len(offs) - 1
     widths = {offs[i + 1] - offs[i] for i in range(K)}
     if len(widths) == 1:
         d = widths.pop()
-        return m.reshape(K, d, K, d).sum(dim=(1, 3))
-    rows = torch.stack([m[offs[k] : offs[k + 1]].sum(0) for k in range(K)])  # (K, D)
-    return torch.stack([rows[:, offs[l] : offs[l + 1]].sum(1) for l in range(K)], dim=1)  # noqa: E741
+        return torch.linalg.vector_norm(m.reshape(K, d, K, d), dim=(1, 3)).square()
+    return torch.stack(
+        [torch.stack([torch.linalg.vector_norm(m[offs[k] : offs[k + 1], offs[l] : offs[l + 1]]).square() for l in range(K)]) for k in range(K)]  # noqa: E741
+    )
 
 
 def _reshift(E: torch.Tensor, delta: torch.Tensor, offs: list[int]) -> torch.Tensor:
@@ -224,16 +225,26 @@ class StreamingCKA:
         dist.all_reduce(self.E)
         return self
 
-    def _centered(self):
+    def _centered(self, need_p: bool):
         if self.E is None:
             raise ValueError("no data: call update() first")
         n = float(self.E[-1, -1])
         D, K = self.offs[-1], len(self.dims)
-        m = self.E[:D, -1] / n
-        Ec = _reshift(self.E, -m, self.offs)
-        C = Ec[:D, :D]
-        P = Ec[D : D + K, D : D + K]
-        t = torch.stack([torch.diagonal(C[self.offs[k] : self.offs[k + 1], self.offs[k] : self.offs[k + 1]]).sum() for k in range(K)])
+        su = self.E[:D, -1]
+        S = self.E[:D, :D]  # sum u u^T with u = z - shift
+        # ||C_kl||_F^2 with C = S - su su^T / n (the centred cross-products), without forming C:
+        # ||S_kl||^2 - 2/n su_k^T S_kl su_l + ||su_k||^2 ||su_l||^2 / n^2. Every term is at the spread scale
+        # (the shift is a data mean), so nothing cancels catastrophically.
+        sig = torch.zeros(K, D, dtype=S.dtype, device=S.device)  # row k = su placed in block k
+        for k in range(K):
+            sig[k, self.offs[k] : self.offs[k + 1]] = su[self.offs[k] : self.offs[k + 1]]
+        q = sig.square().sum(1)  # ||su_k||^2
+        H = _block_sq_norm(S, self.offs) - 2.0 / n * (sig @ S @ sig.T) + torch.outer(q, q) / n**2
+        P = None
+        if need_p:
+            Ec = _reshift(self.E, -su / n, self.offs)
+            P = Ec[D : D + K, D : D + K]
+        t = torch.stack([torch.diagonal(S[self.offs[k] : self.offs[k + 1], self.offs[k] : self.offs[k + 1]]).sum() for k in range(K)]) - q / n
         # raw squared norms ||X_k||_F^2 = sum ||u^k + s^k||^2
         E, s = self.E, self.shift
         raw = torch.stack(
@@ -248,7 +259,7 @@ class StreamingCKA:
             dtype=torch.float64,
         )
         const = (t <= rtol.square() * raw) | (raw == 0)
-        return n, C, P, t, const
+        return n, H, P, t, const
 
     def _finish(self, H: torch.Tensor, const: torch.Tensor, n: float) -> SimilarityMatrix:
         d = torch.diagonal(H).clone()
@@ -266,18 +277,18 @@ class StreamingCKA:
 
     def linear_cka(self) -> SimilarityMatrix:
         """(K x K) exact linear CKA, CKA_kl = ||C_kl||_F^2 / sqrt(||C_kk||_F^2 ||C_ll||_F^2)."""
-        n, C, _, _, const = self._centered()
+        n, H, _, _, const = self._centered(need_p=False)
         if n < 2:
             raise ValueError(f"linear CKA needs at least 2 samples, got {int(n)}")
-        return self._finish(_block_sum(C.square(), self.offs), const, n)
+        return self._finish(H, const, n)
 
     def debiased_cka(self) -> SimilarityMatrix:
         """(K x K) exact debiased linear CKA,
         H_kl = ||C_kl||_F^2 - n/(n-2) P_kl + t_k t_l/((n-1)(n-2)), dCKA_kl = H_kl / sqrt(H_kk H_ll)."""
-        n, C, P, t, const = self._centered()
+        n, H, P, t, const = self._centered(need_p=True)
         if n < 4:
             raise ValueError(f"debiased CKA needs at least 4 samples, got {int(n)}")
-        H = _block_sum(C.square(), self.offs) - n / (n - 2) * P + torch.outer(t, t) / ((n - 1) * (n - 2))
+        H = H - n / (n - 2) * P + torch.outer(t, t) / ((n - 1) * (n - 2))
         return self._finish(H, const, n)
 
     def mean(self) -> list[torch.Tensor]:
