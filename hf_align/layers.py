@@ -690,6 +690,27 @@ class LayerView:
             state = self.run_block(state)
             yield state
 
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        """Record every block's output while the model's *own* forward runs (forward hooks, removed on exit).
+
+        Used for training, where the forward must go through the model as called by the caller (PEFT,
+        DistributedDataParallel, gradient checkpointing): ``with view.recording() as outs: model(**inputs)``
+        leaves ``outs == [h_1, ..., h_L]``. Recomputations during backward (gradient checkpointing) are not
+        recorded: the hooks are gone by then.
+        """
+        outputs: list[torch.Tensor] = []
+
+        def keep(module, args, out):
+            outputs.append(out if isinstance(out, torch.Tensor) else out[0])
+
+        handles = [block.register_forward_hook(keep) for block in self.blocks]
+        try:
+            yield outputs
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def hidden_states(self, **inputs: Any) -> tuple[torch.Tensor, ...]:
         """L+1 hidden states from one forward: [0] embedding output, [l] output of block l (before final norm)."""
         return tuple(state.hidden for state in self.iter_states(**inputs))

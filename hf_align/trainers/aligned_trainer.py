@@ -1,0 +1,333 @@
+"""AlignedTrainer: one shared head trained after every layer (Jiang, Zhou & Zhu, ICLR 2025).
+
+    L_aligned = sum_{l=1..L} w_l * CE(head(h_l), y),    w_l = 2l / (L(L+1)) by default,
+
+with ``head`` the model's own head (final norm, pooling, pooler, classifier / LM head; see
+:class:`~hf_align.LayerView`) and ``h_l`` the output of block l, all from one forward of the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from transformers import Trainer
+
+from ..layers import HeadContext, LayerView
+from .aligned_config import AlignedTrainingArguments, layer_weights
+
+_LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def minimal_depth(accuracies: list[float], tolerance: float) -> int:
+    """The first block (1-based) whose accuracy is within ``tolerance`` of the last block's."""
+    target = accuracies[-1] - tolerance
+    return next(layer for layer, acc in enumerate(accuracies, start=1) if acc >= target)
+
+
+def is_monotone(accuracies: list[float]) -> bool:
+    """Whether accuracy never decreases with depth."""
+    return all(b >= a for a, b in zip(accuracies, accuracies[1:]))
+
+
+class AlignedTrainer(Trainer):
+    """A ``transformers.Trainer`` whose loss applies the model's own head after every block.
+
+    Works for ``*ForSequenceClassification``, ``*ForImageClassification`` and ``*ForCausalLM`` models of every
+    family :class:`~hf_align.LayerView` supports, PEFT-wrapped or not. The forward goes through the model as
+    the Trainer prepared it (DDP, PEFT), with hooks recording the blocks' outputs; the last block's term uses
+    the model's own logits, so ``layer_weights="last"`` is exactly standard training.
+
+    Evaluation adds ``eval_layer_{l}_accuracy`` and ``eval_layer_{l}_loss`` for every block l = 1..L,
+    ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth). Training logs
+    add ``layer_{l}_loss``. Saving writes a model card with the layer-wise table and plot; the saved model is
+    a plain transformers model.
+    """
+
+    def __init__(self, model=None, args: AlignedTrainingArguments | None = None, *pargs, **kwargs):
+        if model is None:
+            raise ValueError("AlignedTrainer needs a model instance (model_init is not supported)")
+        if args is None:
+            args = AlignedTrainingArguments(output_dir="tmp_trainer")
+        if not isinstance(args, AlignedTrainingArguments):
+            raise TypeError(f"args must be AlignedTrainingArguments, got {type(args).__name__}")
+        self.layer_view = LayerView(model)  # unsupported / mismatching models fail here, before anything runs
+        num_layers = self.layer_view.num_layers
+        self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
+        bound = inspect.signature(Trainer.__init__).bind(self, model, args, *pargs, **kwargs).arguments
+        eval_dataset = bound.get("eval_dataset")
+        for name, dataset in [("train_dataset", bound.get("train_dataset"))] + (
+            [(f"eval_dataset[{k!r}]", v) for k, v in eval_dataset.items()] if isinstance(eval_dataset, dict)
+            else [("eval_dataset", eval_dataset)]
+        ):
+            self._check_labels(dataset, name, bound.get("data_collator"))
+        super().__init__(model, args, *pargs, **kwargs)
+        self._layer_loss_sum = torch.zeros(num_layers, dtype=torch.float64)
+        self._layer_loss_steps = 0.0
+        self._eval_stats: list[torch.Tensor] | None = None
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    def _check_labels(self, dataset, name: str, data_collator=None) -> None:
+        if dataset is None:
+            return
+        try:
+            sample = dataset[0]
+        except Exception:  # iterable datasets: checked at the first batch instead
+            return
+        if not isinstance(sample, Mapping) or any(k in sample for k in _LABEL_KEYS):
+            return
+        if self.layer_view.task == "causal-lm" and data_collator is not None:
+            try:
+                batch = data_collator([{k: v for k, v in sample.items() if k in ("input_ids", "attention_mask")}])
+                if "labels" in batch:
+                    return
+            except Exception:
+                pass
+        raise ValueError(
+            f"{name} has no labels: expected a 'labels' (or 'label') column, got columns {sorted(sample)}. "
+            "AlignedTrainer trains every layer against the labels"
+            + (" (for causal LM, use a collator that makes them, e.g. DataCollatorForLanguageModeling(mlm=False))."
+               if self.layer_view.task == "causal-lm" else ".")
+        )
+
+    # -- the loss --------------------------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_view.num_layers
+
+    def _forward_layers(self, model, inputs: dict[str, Any]):
+        """One forward of the model (as prepared by the Trainer) recording every block's output."""
+        model_inputs = {k: v for k, v in inputs.items() if k not in _LABEL_KEYS}
+        if self.layer_view.task == "causal-lm":
+            model_inputs.setdefault("use_cache", False)
+        with self.layer_view.recording() as hidden:
+            outputs = model(**model_inputs)
+        if len(hidden) != self.num_layers:
+            raise RuntimeError(f"expected {self.num_layers} block outputs, recorded {len(hidden)}")
+        return outputs, hidden, HeadContext(model_inputs.get("input_ids"), model_inputs.get("attention_mask"))
+
+    def _problem_type(self, labels: torch.Tensor) -> str:
+        config = self.layer_view.hf_model.config
+        if config.problem_type is not None:
+            return config.problem_type
+        if config.num_labels == 1:
+            return "regression"
+        return "single_label_classification" if labels.dtype in (torch.long, torch.int) else "multi_label_classification"
+
+    def _classification_loss(self, logits, labels, num_items):
+        """The model's own classification loss (transformers' rules for problem_type), on any layer's logits."""
+        problem = self._problem_type(labels)
+        labels = labels.to(logits.device)
+        if problem == "regression":
+            if logits.shape[-1] == 1:
+                return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+            return F.mse_loss(logits, labels.to(logits.dtype))
+        if problem == "multi_label_classification":
+            return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+        smoothing = self.args.label_smoothing_factor
+        logits = logits.view(-1, logits.shape[-1])
+        if num_items is None:
+            return F.cross_entropy(logits, labels.view(-1), ignore_index=-100, label_smoothing=smoothing)
+        total = F.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum", label_smoothing=smoothing)
+        return total / torch.as_tensor(num_items, device=total.device)
+
+    def _lm_chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self.layer_view.head(hidden.unsqueeze(0), HeadContext()).squeeze(0).float()  # (n, V)
+        return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.args.label_smoothing_factor)
+
+    def _lm_loss(self, hidden, labels, num_items, logits=None):
+        """Next-token CE through the shared LM head: sum over tokens / num_items (or the token count).
+
+        For intermediate layers the head runs on chunks of ``lm_loss_chunk_size`` tokens under activation
+        checkpointing, so no layer's (tokens x vocab) logits are kept for backward.
+        """
+        shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)  # (B, T): token t predicts t+1
+        keep = shifted != -100
+        denominator = torch.as_tensor(num_items if num_items is not None else keep.sum().clamp(min=1), device=hidden.device)
+        if logits is not None:  # the model's own logits (last layer): exactly transformers' ForCausalLMLoss
+            flat = logits.float().view(-1, logits.shape[-1])
+            total = F.cross_entropy(flat, shifted.reshape(-1), ignore_index=-100, reduction="sum",
+                                    label_smoothing=self.args.label_smoothing_factor)
+            return total / denominator.to(total.dtype)
+        tokens, targets = hidden[keep], shifted[keep]  # (n, D), (n,)
+        size = self.args.lm_loss_chunk_size
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, tokens.shape[0], size):
+            chunk, chunk_targets = tokens[start:start + size], targets[start:start + size]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(self._lm_chunk_loss_sum, chunk, chunk_targets, use_reentrant=False)
+            else:
+                total = total + self._lm_chunk_loss_sum(chunk, chunk_targets)
+        return total / denominator
+
+    def layer_losses(self, hidden, logits, context, labels, num_items=None) -> list[torch.Tensor | None]:
+        """Per-block losses ``[loss_1, ..., loss_L]`` (None where the weight is 0); the last uses the model's logits."""
+        losses: list[torch.Tensor | None] = []
+        for layer, (h, w) in enumerate(zip(hidden, self.layer_loss_weights), start=1):
+            if w == 0:
+                losses.append(None)
+                continue
+            last = layer == self.num_layers
+            if self.layer_view.task == "causal-lm":
+                losses.append(self._lm_loss(h, labels, num_items, logits=logits if last else None))
+            else:
+                layer_logits = logits if last else self.layer_view.head(h, context)
+                losses.append(self._classification_loss(layer_logits, labels, num_items))
+        return losses
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``sum_l w_l * loss_l`` from one forward; mirrors the stock Trainer's ``num_items_in_batch`` handling."""
+        labels = next((inputs[k] for k in _LABEL_KEYS if k in inputs), None)
+        if labels is None:
+            raise ValueError(f"the batch has no labels (got keys {sorted(inputs)}); AlignedTrainer needs 'labels'")
+        num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        outputs, hidden, context = self._forward_layers(model, inputs)
+        losses = self.layer_losses(hidden, outputs.logits, context, labels, num_items)
+        loss = sum(w * l for w, l in zip(self.layer_loss_weights, losses) if l is not None)
+        scale = 1
+        if self.args.average_tokens_across_devices and num_items is not None:
+            scale = self.accelerator.num_processes  # as the stock Trainer does (DDP averages gradients)
+            loss = loss * scale
+        if model.training and self.args.log_layer_losses:
+            # per-layer values on the same footing as the logged loss: the mean over the optimizer step
+            values = torch.tensor([0.0 if l is None else l.item() for l in losses], dtype=torch.float64)
+            accumulation = self.current_gradient_accumulation_steps
+            self._layer_loss_sum += values * scale if num_items is not None else values / accumulation
+            self._layer_loss_steps += 1.0 / accumulation
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._layer_loss_steps > 0 and self.args.log_layer_losses:
+            per_layer = self._layer_loss_sum / self._layer_loss_steps
+            per_layer = self.accelerator.reduce(per_layer.to(self.args.device), reduction="mean").cpu()
+            for layer, (value, w) in enumerate(zip(per_layer.tolist(), self.layer_loss_weights), start=1):
+                if w > 0:
+                    logs[f"layer_{layer}_loss"] = round(value, 6)
+            self._layer_loss_sum.zero_()
+            self._layer_loss_steps = 0.0
+        super().log(logs, start_time)
+
+    # -- evaluation ------------------------------------------------------------------------------------
+
+    def _per_sample_layer_stats(self, hidden, logits, context, labels) -> torch.Tensor:
+        """(B, 2L+1): correct predictions per layer, loss sums per layer, and the number of scored items."""
+        rows = []
+        if self.layer_view.task == "causal-lm":
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            keep = shifted != -100
+            count = keep.sum(-1).double()
+            corrects, losses = [], []
+            for layer, h in enumerate(hidden, start=1):
+                lg = logits if layer == self.num_layers else self.layer_view.head(h, context)
+                ce = F.cross_entropy(lg.float().transpose(1, 2), shifted, ignore_index=-100, reduction="none")
+                corrects.append(((lg.argmax(-1) == shifted) & keep).sum(-1).double())
+                losses.append(ce.sum(-1).double())
+            rows = corrects + losses + [count]
+        else:
+            single = self._problem_type(labels) == "single_label_classification"
+            corrects, losses = [], []
+            for layer, h in enumerate(hidden, start=1):
+                lg = logits if layer == self.num_layers else self.layer_view.head(h, context)
+                if single:
+                    corrects.append((lg.argmax(-1) == labels).double())
+                    losses.append(F.cross_entropy(lg.float(), labels, reduction="none").double())
+                else:  # accuracy is undefined for regression / multi-label: reported as absent
+                    nan = torch.full((lg.shape[0],), float("nan"), dtype=torch.float64, device=lg.device)
+                    corrects.append(nan)
+                    losses.append(nan)
+            rows = corrects + losses + [torch.ones(labels.shape[0], dtype=torch.float64, device=labels.device)]
+        return torch.stack(rows, dim=1)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self.args.eval_layers or not any(k in inputs for k in _LABEL_KEYS):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = next(inputs[k] for k in _LABEL_KEYS if k in inputs)
+        with torch.no_grad():
+            outputs, hidden, context = self._forward_layers(model, inputs)
+            losses = self.layer_losses(hidden, outputs.logits, context, labels)
+            loss = sum(w * l for w, l in zip(self.layer_loss_weights, losses) if l is not None).detach()
+            stats = self._per_sample_layer_stats(hidden, outputs.logits, context, labels)
+        if self._eval_stats is not None:
+            self._eval_stats.append(self.accelerator.gather_for_metrics(stats).cpu())
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, outputs.logits.detach(), labels
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        self._eval_stats = []
+        try:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+            if self._eval_stats:
+                output.metrics.update(self.layer_metrics(torch.cat(self._eval_stats), metric_key_prefix))
+        finally:
+            self._eval_stats = None
+        return output
+
+    def layer_metrics(self, stats: torch.Tensor, prefix: str = "eval") -> dict[str, float]:
+        """Layer-wise accuracy/loss, minimal depth and monotonicity from the gathered per-sample stats."""
+        L = self.num_layers
+        totals = stats.sum(0)
+        count = totals[2 * L].item()
+        metrics: dict[str, float] = {}
+        accuracies = []
+        for layer in range(1, L + 1):
+            acc, loss = totals[layer - 1].item() / count, totals[L + layer - 1].item() / count
+            if not math.isnan(acc):
+                metrics[f"{prefix}_layer_{layer}_accuracy"] = acc
+                accuracies.append(acc)
+            if not math.isnan(loss):
+                metrics[f"{prefix}_layer_{layer}_loss"] = loss
+        if len(accuracies) == L:
+            metrics[f"{prefix}_minimal_depth"] = float(minimal_depth(accuracies, self.args.minimal_depth_tolerance))
+            metrics[f"{prefix}_monotone"] = float(is_monotone(accuracies))
+        return metrics
+
+    # -- saving ----------------------------------------------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.write_model_card and self.args.should_save:
+            self._write_card(output_dir)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Write hf-align's model card (layer-wise table, plot, recipe, tags) into ``args.output_dir``."""
+        if self.is_world_process_zero():
+            self._write_card(self.args.output_dir, extra_tags=kwargs.get("tags"))
+
+    def _write_card(self, output_dir: str, extra_tags=None) -> None:
+        from ..hub import aligned_model_card
+
+        aligned_model_card(
+            output_dir,
+            model=self.layer_view.hf_model,
+            layer_view=self.layer_view,
+            log_history=self.state.log_history,
+            recipe=self._recipe(),
+            extra_tags=extra_tags,
+        )
+
+    def _recipe(self) -> dict[str, Any]:
+        args = self.args
+        return {
+            "layer_weights": args.layer_weights if isinstance(args.layer_weights, str) else list(args.layer_weights),
+            "weights": [round(w, 6) for w in self.layer_loss_weights],
+            "aligned_layers": args.aligned_layers or "all",
+            "learning_rate": args.learning_rate,
+            "train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "max_steps": args.max_steps if args.max_steps > 0 else None,
+            "num_train_epochs": args.num_train_epochs,
+            "global_step": self.state.global_step,
+            "seed": args.seed,
+            "world_size": args.world_size,
+        }
