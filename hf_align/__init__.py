@@ -1,14 +1,37 @@
-"""hf-align: make a transformer's layers first-class on the Hugging Face stack."""
+"""hf-align: make a transformer's layers first-class on the Hugging Face stack.
+
+Importing the package registers ``pipeline("early-exit-classification")`` and the multi-exit Auto model.
+"""
 
 __version__ = "0.1.0"
 
 from .layers import LayerView, register_family, supported_families  # noqa: E402
+from .modeling import (  # noqa: E402
+    EarlyExitModel,
+    MultiExitConfig,
+    MultiExitModel,
+    add_exit_heads,
+    calibrate,
+    exit_curve,
+    register_auto_classes,
+)
+from .pipelines.early_exit_classification import EarlyExitClassificationPipeline, register_pipeline  # noqa: E402
 from .trainers import AlignedTrainer, AlignedTrainingArguments  # noqa: E402
+
+register_auto_classes()
+register_pipeline()
 
 __all__ = [
     "AlignedTrainer",
     "AlignedTrainingArguments",
+    "EarlyExitClassificationPipeline",
+    "EarlyExitModel",
     "LayerView",
+    "MultiExitConfig",
+    "MultiExitModel",
+    "add_exit_heads",
+    "calibrate",
+    "exit_curve",
     "register_family",
     "supported_families",
     "__version__",

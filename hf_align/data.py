@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 
@@ -31,3 +33,87 @@ def load_digits_dataset(test_size: float = 0.25, seed: int = 0, image_size: int 
         return Dataset.from_dict({"pixel_values": images[idx][:, None], "labels": labels[idx]}).with_format("torch")
 
     return DatasetDict(train=build(idx_train), test=build(idx_test))
+
+
+SCIPY_TOPICS = ("linalg", "signal", "stats", "optimize", "special", "ndimage", "interpolate", "sparse")
+_SECTION_END = re.compile(r"\n(Examples|References|See Also|Notes)\n-+")
+_SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
+_PARAM_LINE = re.compile(r"^\w[\w ,*]*\s:\s")
+_HEADERS = {"Parameters", "Returns", "Raises", "Attributes", "Methods", "Yields", "Other Parameters", "Warns"}
+
+
+def _prose_paragraphs(doc: str, max_chars: int = 400) -> list[str]:
+    """Prose paragraphs of a numpydoc docstring: no signatures, section headers, parameter lines or examples."""
+    paragraphs = []
+    for para in _SECTION_END.split(doc)[0].split("\n\n"):
+        lines = [ln for ln in para.split("\n") if not re.match(r"^\s*-+\s*$", ln) and ln.strip() not in _HEADERS]
+        text = " ".join(" ".join(ln for ln in lines if not _PARAM_LINE.match(ln)).split())
+        if len(text) >= 30 and not _SIGNATURE.match(text) and ">>>" not in text:
+            paragraphs.append(text[:max_chars])
+    return paragraphs
+
+
+def load_scipy_docs_dataset(topics=SCIPY_TOPICS, test_size: float = 0.25, seed: int = 0):
+    """Real English text that ships with a dependency: SciPy's own documentation, labelled by subpackage.
+
+    Each sample is one prose paragraph of the docstring of a public object of ``scipy.<topic>`` (signature
+    lines, section headers, parameter lines and examples removed); the label is the subpackage (linear
+    algebra, signal processing, statistics, optimisation, special functions, image processing,
+    interpolation, sparse matrices). The split is by documented *object* (all paragraphs of one function go
+    to the same side, stratified by topic), so the test set holds functions never seen in training.
+    Returns a ``DatasetDict`` with columns ``text``, ``labels``, ``object``.
+    """
+    import importlib
+    import inspect
+
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
+
+    groups: dict[str, list[tuple[str, int]]] = {}
+    for label, topic in enumerate(topics):
+        module = importlib.import_module(f"scipy.{topic}")
+        seen_docs: set[str] = set()  # aliases share a docstring: keep one, so no text is on both sides of the split
+        for name in sorted(getattr(module, "__all__", dir(module))):
+            obj = getattr(module, name, None)
+            if name.startswith("_") or obj is None or inspect.ismodule(obj):
+                continue
+            doc = inspect.getdoc(obj)
+            if not doc or doc in seen_docs:
+                continue
+            seen_docs.add(doc)
+            paragraphs = _prose_paragraphs(doc)
+            if paragraphs:
+                groups[f"scipy.{topic}.{name}"] = [(p, label) for p in paragraphs]
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for topic in topics:
+        keys = sorted(k for k in groups if k.startswith(f"scipy.{topic}."))
+        rng.shuffle(keys)
+        n_test = max(1, round(test_size * len(keys)))
+        for i, key in enumerate(keys):
+            (test if i < n_test else train).extend((text, lab, key) for text, lab in groups[key])
+    features = Features({"text": Value("string"), "labels": ClassLabel(names=list(topics)), "object": Value("string")})
+
+    def build(rows):
+        texts, labels, objects = zip(*rows)
+        return Dataset.from_dict({"text": list(texts), "labels": list(labels), "object": list(objects)}, features=features)
+
+    return DatasetDict(train=build(train), test=build(test))
+
+
+def train_wordpiece_tokenizer(texts, vocab_size: int = 4000, model_max_length: int = 128):
+    """A BERT-style WordPiece tokenizer trained on ``texts`` (no download), as a ``PreTrainedTokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.train_from_iterator(list(texts), trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    tokenizer.decoder = decoders.WordPiece()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)

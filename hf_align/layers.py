@@ -355,15 +355,28 @@ class _StopForward(Exception):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT (``get_base_model``) or hf-align wrappers; the model itself otherwise."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):
-            model = model.get_base_model()
-        elif hasattr(model, "wrapped_model") and isinstance(model.wrapped_model, nn.Module):
-            model = model.wrapped_model
-    return model
+    """The transformers model inside PEFT or hf-align wrappers (``get_base_model()``); the model itself otherwise."""
+    return _unwrap_chain(model)[-1]
+
+
+def _unwrap_chain(model: nn.Module) -> list[nn.Module]:
+    chain = [model]
+    while hasattr(model, "get_base_model") and callable(model.get_base_model):
+        inner = model.get_base_model()
+        if inner is model or any(inner is m for m in chain):
+            break
+        chain.append(inner)
+        model = inner
+    return chain
+
+
+def find_exit_heads(model: nn.Module) -> nn.ModuleList | None:
+    """Separate per-layer classifiers of a multi-exit model (``exit_heads``) anywhere along the wrapper chain."""
+    for module in _unwrap_chain(model):
+        heads = getattr(module, "exit_heads", None)
+        if isinstance(heads, nn.ModuleList):
+            return heads
+    return None
 
 
 def _task_of(model: nn.Module) -> str | None:
@@ -466,6 +479,8 @@ class LayerView:
             raise TypeError(f"LayerView expects a transformers model (torch.nn.Module), got {type(model).__name__}")
         self.model = model
         self.hf_model = unwrap_model(model)
+        # multi-exit baselines: one separate final linear layer per block 1..L-1 (block L keeps the model's own)
+        self.exit_heads = find_exit_heads(model)
         config = getattr(self.hf_model, "config", None)
         model_type = getattr(config, "model_type", None)
         how = (
@@ -717,19 +732,30 @@ class LayerView:
 
     # -- the head --------------------------------------------------------------------------------------
 
-    def head(self, hidden: torch.Tensor, context: HeadContext | None = None, **inputs: Any) -> torch.Tensor:
+    def head(self, hidden: torch.Tensor, context: HeadContext | None = None, layer: int | None = None,
+             **inputs: Any) -> torch.Tensor:
         """The model's own head on a (B, T, D) hidden state of any layer.
 
         Pass the same ``input_ids``/``attention_mask`` the model was called with (or a ``context``): decoder
         classifiers pool at the last non-padding token, found from the pad id exactly as the model does.
+        ``layer`` (1-based) matters only for multi-exit models with separate per-layer classifiers
+        (``exit_heads``): for layer l < L the head's final linear layer is replaced by ``exit_heads[l-1]``
+        (everything before it — norm, pooling, pooler — stays shared, as in PABEE).
         """
         if context is None:
             context = self.context(**inputs)
-        return self._head_fn(self.hf_model, hidden, context)
+        if self.exit_heads is None or layer is None or layer >= self.num_layers:
+            return self._head_fn(self.hf_model, hidden, context)
+        exit_linear = self.exit_heads[layer - 1]
+        handle = self.classifier.register_forward_hook(lambda module, args, out: exit_linear(args[0]))
+        try:
+            return self._head_fn(self.hf_model, hidden, context)
+        finally:
+            handle.remove()
 
     def layer_logits(self, **inputs: Any) -> list[torch.Tensor]:
         """``[head(h_1), ..., head(h_L)]`` from one forward; the last equals the model's own logits."""
-        return [self.head(s.hidden, s.context) for s in self.iter_states(**inputs) if s.depth > 0]
+        return [self.head(s.hidden, s.context, layer=s.depth) for s in self.iter_states(**inputs) if s.depth > 0]
 
     # -- self-check ------------------------------------------------------------------------------------
 

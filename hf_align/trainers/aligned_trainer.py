@@ -178,7 +178,7 @@ class AlignedTrainer(Trainer):
             if self.layer_view.task == "causal-lm":
                 losses.append(self._lm_loss(h, labels, num_items, logits=logits if last else None))
             else:
-                layer_logits = logits if last else self.layer_view.head(h, context)
+                layer_logits = logits if last else self.layer_view.head(h, context, layer=layer)
                 losses.append(self._classification_loss(layer_logits, labels, num_items))
         return losses
 
@@ -225,7 +225,7 @@ class AlignedTrainer(Trainer):
             count = keep.sum(-1).double()
             corrects, losses = [], []
             for layer, h in enumerate(hidden, start=1):
-                lg = logits if layer == self.num_layers else self.layer_view.head(h, context)
+                lg = logits if layer == self.num_layers else self.layer_view.head(h, context, layer=layer)
                 ce = F.cross_entropy(lg.float().transpose(1, 2), shifted, ignore_index=-100, reduction="none")
                 corrects.append(((lg.argmax(-1) == shifted) & keep).sum(-1).double())
                 losses.append(ce.sum(-1).double())
@@ -234,7 +234,7 @@ class AlignedTrainer(Trainer):
             single = self._problem_type(labels) == "single_label_classification"
             corrects, losses = [], []
             for layer, h in enumerate(hidden, start=1):
-                lg = logits if layer == self.num_layers else self.layer_view.head(h, context)
+                lg = logits if layer == self.num_layers else self.layer_view.head(h, context, layer=layer)
                 if single:
                     corrects.append((lg.argmax(-1) == labels).double())
                     losses.append(F.cross_entropy(lg.float(), labels, reduction="none").double())

@@ -1,0 +1,202 @@
+"""Choosing an exit threshold: the accuracy / exit depth / latency trade-off over thresholds, on validation data.
+
+One full-depth pass over the validation set stores every block's logits (N x L x C, small for classifiers);
+each threshold's exits are then simulated exactly (the same rule as :class:`EarlyExitModel`), so the curve
+costs one pass however many thresholds are tried. Latency is measured by really running the early-exit model
+on a subset at each threshold (optional).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .early_exit import EarlyExitConfig, EarlyExitModel
+
+__all__ = ["ExitCurve", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
+
+
+def _batches(data, batch_size: int, collate_fn):
+    from torch.utils.data import DataLoader
+
+    if isinstance(data, DataLoader):
+        return data
+    if collate_fn is None:
+        from transformers import default_data_collator as collate_fn
+    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+
+
+@torch.no_grad()
+def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, collate_fn=None, progress: bool = True):
+    """Every block's logits and the labels over a labelled dataset: ``(N, L, C)`` float32 and ``(N,)``."""
+    all_logits, all_labels = [], []
+    for batch in tqdm(_batches(data, batch_size, collate_fn), desc="layer logits", disable=not progress):
+        batch = dict(batch)
+        labels = batch.pop("labels", None)
+        if labels is None:
+            labels = batch.pop("label", None)
+        if labels is None:
+            raise ValueError(f"the calibration data needs labels ('labels' or 'label'); got {sorted(batch)}")
+        per_layer = model.view.layer_logits(**batch)
+        all_logits.append(torch.stack(per_layer, dim=1).float().cpu())
+        all_labels.append(torch.as_tensor(labels).cpu())
+    return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
+
+
+def simulate_exits(layer_logits: np.ndarray, settings: EarlyExitConfig) -> np.ndarray:
+    """Exit block (1-based) of each sample under ``settings``, from (N, L, C) logits — EarlyExitModel's rule."""
+    N, L, _ = layer_logits.shape
+    z = layer_logits - layer_logits.max(-1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(-1, keepdims=True)
+    layers = np.arange(1, L + 1)
+    if settings.policy == "confidence":
+        hit = p.max(-1) >= settings.threshold
+    elif settings.policy == "entropy":
+        hit = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1) <= settings.threshold
+    elif settings.policy == "patience":
+        pred = layer_logits.argmax(-1)
+        streak = np.ones((N, L), dtype=int)
+        for l in range(1, L):
+            streak[:, l] = np.where(pred[:, l] == pred[:, l - 1], streak[:, l - 1] + 1, 1)
+        hit = streak >= settings.patience
+    else:  # fixed
+        hit = np.broadcast_to(layers >= settings.exit_layer, (N, L)).copy()
+    hit &= layers >= settings.min_layer
+    hit[:, -1] = True
+    return hit.argmax(1) + 1
+
+
+def _default_thresholds(policy: str, num_classes: int, num_layers: int) -> list:
+    if policy == "confidence":
+        return [round(float(t), 4) for t in np.unique(np.concatenate([np.linspace(0.3, 0.95, 14), [0.97, 0.98, 0.99, 0.995, 0.999]]))]
+    if policy == "entropy":
+        return [round(float(t), 4) for t in math.log(num_classes) * np.linspace(0.0, 0.8, 17)]
+    if policy == "patience":
+        return list(range(1, num_layers + 1))
+    return list(range(1, num_layers + 1))
+
+
+@dataclass
+class ExitCurve:
+    """Accuracy, mean exit block, compute fraction and (optionally) latency for each setting of one policy."""
+
+    policy: str
+    values: list  # thresholds (confidence/entropy), patience values, or exit layers
+    accuracy: list[float]
+    mean_exit_layer: list[float]
+    num_layers: int
+    full_accuracy: float
+    latency_ms: list[float] | None = None
+    chosen: Any = None
+    extra: dict = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        key = {"confidence": "threshold", "entropy": "entropy threshold", "patience": "patience", "fixed": "exit layer"}[self.policy]
+        head = f"| {key} | accuracy | mean exit block | compute (blocks run / L) |" + (" latency ms |" if self.latency_ms else "")
+        lines = [head, "| ---: | ---: | ---: | ---: |" + (" ---: |" if self.latency_ms else "")]
+        for i, v in enumerate(self.values):
+            row = f"| {v} | {100 * self.accuracy[i]:.2f}% | {self.mean_exit_layer[i]:.2f} | {self.mean_exit_layer[i] / self.num_layers:.2f} |"
+            if self.latency_ms:
+                row += f" {self.latency_ms[i]:.2f} |"
+            lines.append(row + (" **chosen**" if v == self.chosen else ""))
+        lines.append(f"\nfull depth ({self.num_layers} blocks): {100 * self.full_accuracy:.2f}%")
+        return "\n".join(lines)
+
+    def plot(self, path):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=120)
+        ax.plot(self.mean_exit_layer, [100 * a for a in self.accuracy], marker="o", label=f"{self.policy} exit")
+        ax.axhline(100 * self.full_accuracy, color="gray", ls="--", label="full depth")
+        if self.chosen is not None and self.chosen in self.values:
+            i = self.values.index(self.chosen)
+            ax.plot([self.mean_exit_layer[i]], [100 * self.accuracy[i]], "r*", ms=14, label=f"chosen {self.chosen}")
+        ax.set_xlabel("mean exit block (compute)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        if self.latency_ms:
+            top = ax.secondary_xaxis("top", functions=(lambda x: x, lambda x: x))
+            top.set_xlabel("(latency per threshold in the table)")
+        fig.tight_layout()
+        fig.savefig(path)
+        plt.close(fig)
+        return path
+
+
+def exit_curve(model: EarlyExitModel, data, policy: str | None = None, values=None, batch_size: int = 64,
+               collate_fn=None, min_layer: int | None = None, measure_latency: bool = False,
+               latency_samples: int = 64, latency_batch_size: int = 1, progress: bool = True,
+               layer_logits: tuple[np.ndarray, np.ndarray] | None = None) -> ExitCurve:
+    """The accuracy / mean exit depth (/ latency) curve of one policy over its settings, on labelled data."""
+    policy = policy or model.settings.policy
+    logits, labels = layer_logits if layer_logits is not None else collect_layer_logits(model, data, batch_size, collate_fn, progress)
+    N, L, C = logits.shape
+    values = list(values) if values is not None else _default_thresholds(policy, C, L)
+    min_layer = model.settings.min_layer if min_layer is None else min_layer
+    accuracy, depth, latency = [], [], []
+    pred = logits.argmax(-1)  # (N, L)
+    for v in values:
+        settings = _settings_for(policy, v, min_layer).validate(L)
+        exits = simulate_exits(logits, settings)
+        accuracy.append(float((pred[np.arange(N), exits - 1] == labels).mean()))
+        depth.append(float(exits.mean()))
+        if measure_latency:
+            latency.append(_latency_ms(model, data, settings, latency_samples, latency_batch_size, collate_fn))
+    return ExitCurve(policy=policy, values=values, accuracy=accuracy, mean_exit_layer=depth, num_layers=L,
+                     full_accuracy=float((pred[:, -1] == labels).mean()), latency_ms=latency or None)
+
+
+def _settings_for(policy: str, value, min_layer: int) -> EarlyExitConfig:
+    if policy in ("confidence", "entropy"):
+        return EarlyExitConfig(policy=policy, threshold=float(value), min_layer=min_layer)
+    if policy == "patience":
+        return EarlyExitConfig(policy=policy, patience=int(value), threshold=None, min_layer=min_layer)
+    if policy == "fixed":
+        return EarlyExitConfig(policy=policy, exit_layer=int(value), threshold=None, min_layer=min_layer)
+    raise ValueError(f"unknown exit policy {policy!r}")
+
+
+def _latency_ms(model: EarlyExitModel, data, settings, samples: int, batch_size: int, collate_fn) -> float:
+    saved = model.settings
+    model.settings = settings
+    try:
+        times = []
+        for i, batch in enumerate(_batches(data, batch_size, collate_fn)):
+            if i * batch_size >= samples:
+                break
+            batch = {k: v for k, v in dict(batch).items() if k not in ("labels", "label")}
+            start = time.perf_counter()
+            model(**batch)
+            times.append((time.perf_counter() - start) * 1e3 / batch_size)
+        return statistics.median(times)
+    finally:
+        model.settings = saved
+
+
+def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str | None = None, values=None,
+              **kwargs) -> ExitCurve:
+    """Pick the setting with the lowest mean exit block whose accuracy is within ``tolerance`` (absolute, e.g.
+    0.01 = 1 point) of full depth on ``data``; apply it to ``model`` and return the curve (``curve.chosen``)."""
+    if not 0 <= tolerance <= 1:
+        raise ValueError(f"tolerance must be in [0, 1] (absolute accuracy), got {tolerance}")
+    curve = exit_curve(model, data, policy=policy, values=values, **kwargs)
+    ok = [i for i, acc in enumerate(curve.accuracy) if acc >= curve.full_accuracy - tolerance]
+    if not ok:
+        raise ValueError("no setting keeps accuracy within the tolerance; widen `values` or the tolerance")
+    best = min(ok, key=lambda i: (curve.mean_exit_layer[i], -curve.accuracy[i]))
+    curve.chosen = curve.values[best]
+    chosen = _settings_for(curve.policy, curve.chosen, model.settings.min_layer)
+    model.set_exit(**vars(chosen))
+    return curve

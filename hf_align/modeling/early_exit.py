@@ -1,0 +1,210 @@
+"""Early exit with the model's own (shared) head: stop at the first block that is sure; skip the rest.
+
+:class:`EarlyExitModel` wraps a supported transformers classifier (or a :class:`MultiExitModel`) without
+copying or changing it. Blocks run one at a time with the exact arguments the model prepared (see
+:class:`~hf_align.LayerView`); after block l the head gives ``logits_l`` and the exit policy decides, per
+sample, whether to stop. Samples that stop leave the batch, so the remaining blocks run on fewer rows, and
+blocks after the last sample's exit never run.
+
+Exit policies (``p_l = softmax(logits_l)``):
+
+* ``confidence``: exit when ``max_c p_l[c] >= threshold`` (threshold in (0, 1]);
+* ``entropy`` (DeeBERT): exit when ``H(p_l) = -sum_c p_l[c] log p_l[c] <= threshold`` (nats, >= 0);
+* ``patience`` (PABEE): exit when ``argmax logits_l`` has been the same for ``patience`` consecutive blocks
+  (the current block included), i.e. unchanged ``patience - 1`` times;
+* ``fixed``: exit at block ``exit_layer``;
+
+never before ``min_layer``, always at block L. The settings live in ``config.early_exit`` (a plain dict), so
+``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..layers import LayerView
+
+__all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
+
+POLICIES = ("confidence", "entropy", "patience", "fixed")
+
+
+@dataclass
+class EarlyExitConfig:
+    """Exit settings (stored as ``config.early_exit``)."""
+
+    policy: str = "confidence"
+    threshold: float | None = 0.9
+    patience: int = 2
+    exit_layer: int | None = None
+    min_layer: int = 1
+
+    def validate(self, num_layers: int) -> EarlyExitConfig:
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown exit policy {self.policy!r}; expected one of {POLICIES}")
+        if self.policy == "confidence":
+            if self.threshold is None or not (0 < float(self.threshold) <= 1):
+                raise ValueError(f"confidence threshold must be in (0, 1], got {self.threshold!r}")
+        if self.policy == "entropy":
+            if self.threshold is None or not (0 <= float(self.threshold) < math.inf):
+                raise ValueError(f"entropy threshold must be a finite number >= 0 (nats), got {self.threshold!r}")
+        if self.policy == "patience" and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
+        if self.policy == "fixed" and (not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers):
+            raise ValueError(f"exit_layer must be an integer in [1, {num_layers}] for the fixed policy, got {self.exit_layer!r}")
+        if not isinstance(self.min_layer, int) or not 1 <= self.min_layer <= num_layers:
+            raise ValueError(f"min_layer must be an integer in [1, {num_layers}], got {self.min_layer!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> EarlyExitConfig:
+        data = dict(data or {})
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown early-exit settings {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
+        return cls(**data)
+
+
+@dataclass
+class EarlyExitOutput(ModelOutput):
+    """``logits`` (B, C) at each sample's exit; ``exit_layers`` (B,) 1-based; ``layer_logits``: per sample, the
+    (exit_layer, C) logits of every block it ran (only with ``output_layer_logits=True``)."""
+
+    logits: torch.Tensor | None = None
+    exit_layers: torch.Tensor | None = None
+    layer_logits: list[torch.Tensor] | None = None
+
+
+def _exit_mask(settings: EarlyExitConfig, logits: torch.Tensor, layer: int, streak: torch.Tensor) -> torch.Tensor:
+    """Which rows stop after this block (before ``min_layer`` and the last-block rule)."""
+    if settings.policy == "fixed":
+        return torch.full((logits.shape[0],), layer >= settings.exit_layer, dtype=torch.bool, device=logits.device)
+    if settings.policy == "patience":
+        return streak >= settings.patience
+    probs = logits.float().softmax(-1)
+    if settings.policy == "confidence":
+        return probs.max(-1).values >= settings.threshold
+    entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+    return entropy <= settings.threshold
+
+
+class EarlyExitModel(nn.Module):
+    """Early exit for any supported transformers classifier with one shared head (or a multi-exit model).
+
+    Args:
+        model: a ``*ForSequenceClassification`` / ``*ForImageClassification`` model of a supported family, a
+            PEFT-wrapped one, or a :class:`~hf_align.modeling.MultiExitModel`. Not copied or modified.
+        policy, threshold, patience, exit_layer, min_layer: see the module docstring; defaults come from
+            ``model.config.early_exit`` when present.
+    """
+
+    def __init__(self, model: nn.Module, **settings: Any):
+        super().__init__()
+        view = LayerView(model)
+        if view.task not in ("sequence-classification", "image-classification"):
+            raise ValueError(f"early exit is for classifiers; {type(view.hf_model).__name__} is a {view.task} model")
+        self.model = model
+        self.view = view
+        stored = getattr(self.config, "early_exit", None) or {}
+        self.settings = EarlyExitConfig.from_dict({**stored, **settings}).validate(view.num_layers)
+
+    # -- construction / saving -------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, **settings: Any) -> EarlyExitModel:
+        """Load a saved classifier (local folder or Hub repo; safetensors only, no remote code) and wrap it."""
+        from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+        from .multi_exit import register_auto_classes
+
+        register_auto_classes()
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
+        autos = (AutoModelForSequenceClassification, AutoModelForImageClassification)
+        for auto in autos:
+            if type(config) in auto._model_mapping:
+                model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+                break
+        else:
+            raise ValueError(f"{path}: {type(config).__name__} is not a sequence or image classifier config")
+        return cls(model.eval(), **settings)
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None) or self.view.hf_model.config
+
+    @property
+    def num_layers(self) -> int:
+        return self.view.num_layers
+
+    def set_exit(self, **settings: Any) -> EarlyExitModel:
+        """Change the exit settings (validated first: on error nothing changes)."""
+        self.settings = EarlyExitConfig.from_dict({**asdict(self.settings), **settings}).validate(self.num_layers)
+        return self
+
+    def save_pretrained(self, save_directory, **kwargs) -> None:
+        """Save the wrapped model with the exit settings in ``config.early_exit``."""
+        config = self.config
+        previous = getattr(config, "early_exit", None)
+        config.early_exit = asdict(self.settings)
+        try:
+            self.model.save_pretrained(save_directory, **kwargs)
+        except Exception:
+            config.early_exit = previous
+            raise
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
+        self.config.early_exit = asdict(self.settings)
+        return self.model.push_to_hub(repo_id, **kwargs)
+
+    # -- inference -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(self, output_layer_logits: bool = False, **inputs: Any) -> EarlyExitOutput:
+        """Run blocks until every sample has exited; rows that exit leave the batch."""
+        view, settings, L = self.view, self.settings, self.num_layers
+        state = view.prepare(**inputs)
+        batch = state.batch_size
+        device = state.hidden.device
+        rows = torch.arange(batch, device=device)  # original row of each row still running
+        final_logits: torch.Tensor | None = None
+        exit_layers = torch.full((batch,), L, dtype=torch.long, device=device)
+        history: list[list[torch.Tensor]] = [[] for _ in range(batch)]
+        previous = torch.full((batch,), -1, dtype=torch.long, device=device)
+        streak = torch.zeros(batch, dtype=torch.long, device=device)
+        skip_heads = settings.policy == "fixed" and not output_layer_logits
+        for layer in range(1, L + 1):
+            state = view.run_block(state)
+            if skip_heads and layer < max(settings.exit_layer, settings.min_layer):
+                continue
+            logits = view.head(state.hidden, state.context, layer=layer)
+            if final_logits is None:
+                final_logits = logits.new_empty((batch, logits.shape[-1]))
+            if output_layer_logits:
+                for i, row in enumerate(rows.tolist()):
+                    history[row].append(logits[i])
+            prediction = logits.argmax(-1)
+            streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
+            previous = prediction
+            done = _exit_mask(settings, logits, layer, streak) if layer >= settings.min_layer else torch.zeros_like(prediction, dtype=torch.bool)
+            if layer == L:
+                done = torch.ones_like(done)
+            if done.any():
+                final_logits[rows[done]] = logits[done]
+                exit_layers[rows[done]] = layer
+            keep = ~done
+            if not keep.any():
+                break
+            if not keep.all():
+                index = keep.nonzero().squeeze(1)
+                state, rows, previous, streak = state.select(index), rows[index], previous[index], streak[index]
+        layer_logits = [torch.stack(h) for h in history] if output_layer_logits else None
+        return EarlyExitOutput(logits=final_logits, exit_layers=exit_layers, layer_logits=layer_logits)
+
+    def __repr__(self) -> str:
+        return f"EarlyExitModel({type(self.view.hf_model).__name__}, num_layers={self.num_layers}, settings={self.settings})"

@@ -1,0 +1,129 @@
+"""pipeline("early-exit-classification"): text and images, single and batched, top_k, saving and reloading."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from PIL import Image
+
+import hf_align  # noqa: F401  (registers the task)
+from hf_align import EarlyExitModel, add_exit_heads
+from hf_align.data import train_wordpiece_tokenizer
+
+SENTENCES = ["solve a linear system of equations", "compute the fast fourier transform of a signal",
+             "fit a normal distribution to data", "minimise a scalar function of one variable",
+             "interpolate a smooth spline", "the gamma function and its logarithm"]
+
+
+@pytest.fixture(scope="module")
+def text_setup():
+    tok = train_wordpiece_tokenizer(SENTENCES * 3, vocab_size=120)
+    torch.manual_seed(0)
+    config = T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                          intermediate_size=37, num_labels=3, pad_token_id=tok.pad_token_id,
+                          id2label={0: "linalg", 1: "signal", 2: "stats"}, label2id={"linalg": 0, "signal": 1, "stats": 2})
+    return T.BertForSequenceClassification(config).eval(), tok
+
+
+@pytest.fixture(scope="module")
+def image_setup():
+    torch.manual_seed(0)
+    config = T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=4,
+                         num_attention_heads=4, intermediate_size=37, num_labels=4)
+    processor = T.ViTImageProcessor(size={"height": 16, "width": 16}, do_resize=True, image_mean=[0.5] * 3,
+                                    image_std=[0.5] * 3)
+    return T.ViTForImageClassification(config).eval(), processor
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_text_single_batched_topk(text_setup):
+    model, tok = text_setup
+    clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, threshold=0.36)
+    single = clf(SENTENCES[0])
+    assert isinstance(single, list) and len(single) == 1
+    assert set(single[0]) == {"label", "score", "exit_layer", "num_layers"} and single[0]["num_layers"] == 4
+    # the same numbers as the wrapper on the tokenized input
+    ee = EarlyExitModel(model, threshold=0.36)
+    out = ee(**tok(SENTENCES[0], return_tensors="pt"))
+    probs = out.logits[0].softmax(-1)
+    assert single[0]["exit_layer"] == out.exit_layers.item()
+    assert single[0]["label"] == model.config.id2label[int(probs.argmax())]
+    assert single[0]["score"] == pytest.approx(float(probs.max()), abs=1e-6)
+    batched = clf(SENTENCES, batch_size=4, top_k=2)
+    assert len(batched) == len(SENTENCES) and all(len(r) == 2 for r in batched)
+    for sentence, result in zip(SENTENCES, batched):
+        alone = clf(sentence, top_k=2)
+        assert [r["label"] for r in result] == [r["label"] for r in alone]
+        assert result[0]["exit_layer"] == alone[0]["exit_layer"]
+        assert result[0]["score"] == pytest.approx(alone[0]["score"], abs=1e-5)
+        assert result[0]["score"] >= result[1]["score"]
+    # per-call settings
+    deep = clf(SENTENCES[0], policy="fixed", exit_layer=4)
+    assert deep[0]["exit_layer"] == 4
+
+
+def test_image_pil_numpy_batched(image_setup):
+    model, processor = image_setup
+    clf = T.pipeline("early-exit-classification", model=model, image_processor=processor, threshold=0.3)
+    pics = images(5)
+    res = clf(pics, batch_size=3)
+    assert len(res) == 5 and all(r[0]["num_layers"] == 4 for r in res)
+    arr = clf(np.asarray(pics[0]))
+    assert arr[0]["label"] == res[0][0]["label"] and arr[0]["exit_layer"] == res[0][0]["exit_layer"]
+    ee = EarlyExitModel(model, threshold=0.3)
+    out = ee(**processor(images=pics, return_tensors="pt"))
+    assert [r[0]["exit_layer"] for r in res] == out.exit_layers.tolist()
+
+
+def test_wrong_modality_and_bad_settings(text_setup, image_setup):
+    model, tok = text_setup
+    clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok)
+    with pytest.raises(ValueError, match="text classifier but got an image"):
+        clf(images(1)[0])
+    with pytest.raises(ValueError, match="confidence threshold"):
+        clf("some text", threshold=3.0)
+    with pytest.raises(ValueError, match="top_k"):
+        clf("some text", top_k=0)
+    vit, processor = image_setup
+    img_clf = T.pipeline("early-exit-classification", model=vit, image_processor=processor)
+    with pytest.raises(ValueError, match="image classifier but got text"):
+        img_clf("a sentence, not an image")
+    with pytest.raises(ValueError, match="unknown exit policy"):
+        T.pipeline("early-exit-classification", model=vit, image_processor=processor, policy="sometimes")
+    assert not hasattr(vit.config, "early_exit")
+
+
+def test_saved_pipeline_reloads(tmp_path, text_setup):
+    model, tok = text_setup
+    clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, policy="patience", patience=2)
+    clf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert "early-exit-classification" in config["custom_pipelines"]
+    assert config["early_exit"]["policy"] == "patience"
+    shim = (tmp_path / "early_exit_classification.py").read_text()
+    assert "from hf_align.pipelines.early_exit_classification import" in shim and "class " not in shim
+    # no code from the folder runs: the registered task is used with the saved model, settings and tokenizer
+    again = T.pipeline("early-exit-classification", model=str(tmp_path), trust_remote_code=False,
+                       pipeline_class=hf_align.EarlyExitClassificationPipeline)
+    assert again.early_exit.settings.policy == "patience"
+    assert again(SENTENCES) == clf(SENTENCES)
+    # the saved model is still a plain transformers classifier
+    assert type(T.AutoModelForSequenceClassification.from_pretrained(tmp_path)) is T.BertForSequenceClassification
+
+
+def test_multi_exit_model_in_pipeline(tmp_path, text_setup):
+    model, tok = text_setup
+    multi = add_exit_heads(model).eval()
+    clf = T.pipeline("early-exit-classification", model=multi, tokenizer=tok, policy="fixed", exit_layer=1)
+    out = clf(SENTENCES[1])
+    ee = EarlyExitModel(multi, policy="fixed", exit_layer=1)
+    probs = ee(**tok(SENTENCES[1], return_tensors="pt")).logits[0].softmax(-1)
+    assert out[0]["score"] == pytest.approx(float(probs.max()), abs=1e-6) and out[0]["exit_layer"] == 1
