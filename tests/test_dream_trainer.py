@@ -39,8 +39,7 @@ def _unet():
     return sr_unet(block_out_channels=(8, 16), norm_num_groups=4)
 
 
-@pytest.mark.parametrize("p", [1.0, math.inf])
-@pytest.mark.parametrize("loss_type", ["l1", "mse"])
+@pytest.mark.parametrize("p,loss_type", [(1.0, "l1"), (math.inf, "mse")])
 def test_compute_loss_matches_hand_computation(tmp_path, p, loss_type):
     args = _args(tmp_path, dream_detail_preservation=p, loss_type=loss_type, residual=True, residual_scale=2.0)
     unet = _unet()
