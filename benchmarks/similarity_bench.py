@@ -202,7 +202,7 @@ def timed(fn, *args):
 
 
 _MEM_CHILD = r"""
-import os, sys, resource, time, torch
+import os, sys, time, torch
 sys.path.insert(0, {root!r}); sys.path.insert(0, {bench!r})
 torch.set_num_threads({threads})
 import similarity_bench as sb
@@ -232,7 +232,11 @@ elif mode == "pytorch-cka":
     F = torch.cat(list(batches()))  # its DataLoader API needs the data set; pass the features as a dataset
     sb.run_pytorch_cka(F[:256]); base = rss()  # warm-up, then the data set is excluded
     sb.run_pytorch_cka(F)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024.0)
+def hwm():  # peak RSS of this process image (ru_maxrss would carry the parent's peak across exec)
+    for ln in open("/proc/self/status"):
+        if ln.startswith("VmHWM"):
+            return int(ln.split()[1])
+print((hwm() - base) / 1024.0)
 """
 
 
@@ -277,6 +281,21 @@ def e2e_pytorch_cka(model, batches):
 # ------------------------------------------------------------------------------------------- main
 
 
+def memory_table(args, log):
+    log("## Peak memory (fresh process, RSS growth during the computation, MiB)")
+    log("")
+    log("| contender | " + " | ".join(f"n = {n}" for n in sorted(args.sizes)) + " |")
+    log("|---|" + "---|" * len(args.sizes))
+    for mode in ["hf_align", "floor", "pytorch-cka"]:
+        if mode == "pytorch-cka" and args.skip_libs:
+            continue
+        row = [peak_memory_mb(mode, n, args.threads) for n in sorted(args.sizes)]
+        label = {"hf_align": "hf_align StreamingCKA (features streamed in batches of 1024)",
+                 "floor": "floor (whole Z in float64, then Z^T Z)", "pytorch-cka": "pytorch-cka (DataLoader over the feature set; data set excluded)"}[mode]
+        log(f"| {label} | " + " | ".join(fmt(x, 0) for x in row) + " |")
+    log("")
+
+
 def fmt(x, nd=2):
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -293,6 +312,7 @@ def main():
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip-libs", action="store_true")
     p.add_argument("--out", default=None)
+    p.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lines = []
@@ -301,6 +321,14 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
+    if args.memory_only:
+        log(f"Command: `python benchmarks/similarity_bench.py {' '.join(sys.argv[1:])}`")
+        log("")
+        memory_table(args, log)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     t_start = time.perf_counter()
     for mod in ("cka", "torch_cka", "ckatorch", "cka_pytorch.cka", "hf_align.analysis.collect"):  # imports out of the timings
         try:
@@ -399,19 +427,7 @@ def main():
     log("```")
     log("")
 
-    # ---------------- memory
-    log("## Peak memory (fresh process, RSS growth during the computation, MiB)")
-    log("")
-    log("| contender | " + " | ".join(f"n = {n}" for n in sorted(args.sizes)) + " |")
-    log("|---|" + "---|" * len(args.sizes))
-    for mode in ["hf_align", "floor", "pytorch-cka"]:
-        if mode == "pytorch-cka" and args.skip_libs:
-            continue
-        row = [peak_memory_mb(mode, n, args.threads) for n in sorted(args.sizes)]
-        label = {"hf_align": "hf_align StreamingCKA (features streamed in batches of 1024)",
-                 "floor": "floor (whole Z in float64, then Z^T Z)", "pytorch-cka": "pytorch-cka (DataLoader over the feature set; data set excluded)"}[mode]
-        log(f"| {label} | " + " | ".join(fmt(x, 0) for x in row) + " |")
-    log("")
+    memory_table(args, log)
 
     # ---------------- (b)
     log(f"## (b) End to end: {args.e2e_n} inputs of <= {args.e2e_seq} tokens, batches of 256")

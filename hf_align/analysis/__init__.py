@@ -1,5 +1,8 @@
 """Layer-wise representation analysis: sample-wise cosine and the CKA family (exact, streamed), plots."""
 
+from .collect import LayerSimilarity, UndefinedSimilarityWarning, layer_similarity
+from .plots import plot_similarity
+from .pooling import pool
 from .similarity import (
     SimilarityUndefinedError,
     cosine,
@@ -13,6 +16,11 @@ from .similarity import (
 from .streaming import SimilarityMatrix, StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA
 
 __all__ = [
+    "layer_similarity",
+    "LayerSimilarity",
+    "UndefinedSimilarityWarning",
+    "plot_similarity",
+    "pool",
     "SimilarityUndefinedError",
     "cosine",
     "linear_cka",
