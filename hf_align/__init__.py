@@ -5,6 +5,7 @@ Importing the package registers ``pipeline("early-exit-classification")`` and th
 
 __version__ = "0.1.0"
 
+from .collapse import ClassStatistics, collapse_metrics, collapse_report, gnc2, plot_collapse_progression  # noqa: E402
 from .layers import LayerView, register_family, supported_families  # noqa: E402
 from .modeling import (  # noqa: E402
     EarlyExitModel,
@@ -24,6 +25,7 @@ register_pipeline()
 __all__ = [
     "AlignedTrainer",
     "AlignedTrainingArguments",
+    "ClassStatistics",
     "EarlyExitClassificationPipeline",
     "EarlyExitModel",
     "LayerView",
@@ -31,7 +33,11 @@ __all__ = [
     "MultiExitModel",
     "add_exit_heads",
     "calibrate",
+    "collapse_metrics",
+    "collapse_report",
     "exit_curve",
+    "gnc2",
+    "plot_collapse_progression",
     "register_family",
     "supported_families",
     "__version__",
