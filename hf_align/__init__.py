@@ -5,6 +5,18 @@ Importing the package registers ``pipeline("early-exit-classification")`` and th
 
 __version__ = "0.1.0"
 
+from .analysis import (  # noqa: E402
+    LayerSimilarity,
+    SimilarityUndefinedError,
+    cosine,
+    debiased_linear_cka,
+    hsic1,
+    layer_similarity,
+    linear_cka,
+    minibatch_cka,
+    rank_correlation,
+    rbf_cka,
+)
 from .collapse import ClassStatistics, collapse_metrics, collapse_report, gnc2, plot_collapse_progression  # noqa: E402
 from .layers import LayerView, register_family, supported_families  # noqa: E402
 from .modeling import (  # noqa: E402
@@ -23,6 +35,16 @@ register_auto_classes()
 register_pipeline()
 
 __all__ = [
+    "LayerSimilarity",
+    "SimilarityUndefinedError",
+    "cosine",
+    "debiased_linear_cka",
+    "hsic1",
+    "layer_similarity",
+    "linear_cka",
+    "minibatch_cka",
+    "rank_correlation",
+    "rbf_cka",
     "AlignedTrainer",
     "AlignedTrainingArguments",
     "ClassStatistics",
