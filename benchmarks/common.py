@@ -80,9 +80,9 @@ def build_model(task: dict, seed: int = 0, multi_exit: bool = False):
                             label2id={n: i for i, n in enumerate(names)})
         model = BertForSequenceClassification(config)
     if multi_exit:
-        from hf_align.modeling import MultiExitConfig, add_exit_heads
+        from hf_align.modeling import add_exit_heads
 
-        model = add_exit_heads(model, MultiExitConfig())
+        model = add_exit_heads(model)
     return model
 
 

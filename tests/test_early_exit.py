@@ -239,3 +239,32 @@ def test_calibration_curve_matches_real_runs():
     assert all(chosen.mean_exit_layer[j] >= chosen.mean_exit_layer[i] for j, a in enumerate(chosen.accuracy) if a >= full - 0.05)
     assert ee.settings.threshold == chosen.chosen
     assert "chosen" in chosen.to_markdown()
+
+
+def test_multi_exit_trains_with_aligned_trainer(tmp_path):
+    """PABEE-style baseline: loss = sum_l w_l CE(W_l pooler(h_l) + b_l, y), each block with its own classifier."""
+    import torch.nn.functional as F
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer, AlignedTrainingArguments
+
+    model = bert()
+    multi = add_exit_heads(model).eval()
+    assert multi.config.id2label == model.config.id2label
+    inputs = padded_text_batch(model)
+    labels = torch.tensor([0, 2, 1])
+    data = Dataset.from_dict({**{k: v.tolist() for k, v in inputs.items()}, "labels": labels.tolist()}).with_format("torch")
+    args = AlignedTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                    per_device_train_batch_size=3, learning_rate=1e-2, save_strategy="no")
+    trainer = AlignedTrainer(model=multi, args=args, train_dataset=data)
+    loss = trainer.compute_loss(multi, {**inputs, "labels": labels})
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[1:]
+        heads = list(multi.exit_heads) + [model.classifier]
+        weights = [2 * l / 42 for l in range(1, 7)]
+        expected = sum(w * F.cross_entropy(head(model.bert.pooler(h)).double(), labels)
+                       for w, head, h in zip(weights, heads, hidden))
+    assert abs(loss.item() - expected.item()) <= 1e-6
+    before = multi.exit_heads[0].weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, multi.exit_heads[0].weight)

@@ -95,18 +95,19 @@ class MultiExitModel(PreTrainedModel):
     def get_input_embeddings(self):
         return self.backbone.get_input_embeddings()
 
-    def forward(self, *args, **kwargs):
-        """The backbone's forward: block L uses the model's own classifier."""
-        return self.backbone(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, pixel_values=None,
+                inputs_embeds=None, labels=None, **kwargs):
+        """The backbone's forward (block L uses the model's own classifier); the named arguments are those of
+        transformers' text and image classifiers, so Trainer keeps the right dataset columns."""
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     position_ids=position_ids, pixel_values=pixel_values, inputs_embeds=inputs_embeds, labels=labels)
+        return self.backbone(**{k: v for k, v in named.items() if v is not None}, **kwargs)
 
 
-def add_exit_heads(model: PreTrainedModel, config: MultiExitConfig | None = None) -> MultiExitModel:
+def add_exit_heads(model: PreTrainedModel) -> MultiExitModel:
     """Wrap ``model`` (not copied) with freshly initialised per-layer exit heads."""
     LayerView(model)  # supported and self-checking, or a clear error
-    config = MultiExitConfig(backbone_config=model.config, backbone_architecture=type(model).__name__,
-                             **({} if config is None else {k: v for k, v in config.to_dict().items()
-                                                           if k not in ("backbone_config", "backbone_architecture",
-                                                                        "model_type", "transformers_version")}))
+    config = MultiExitConfig(backbone_config=model.config, backbone_architecture=type(model).__name__)
     return MultiExitModel(config, backbone=model)
 
 
