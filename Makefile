@@ -19,7 +19,10 @@ demo: install
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
+test-slow: install
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow
+
 lint: install
 	$(BIN)/ruff check .
 
-.PHONY: install demo test lint
+.PHONY: install demo test test-slow lint
