@@ -942,16 +942,12 @@ def _iter_batches(data: Any, batch_size: int) -> Iterable[dict[str, Any]]:
 
 
 def _pool(hidden: torch.Tensor, pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
-    if hidden.ndim == 2:
-        return hidden
-    if pooling == "cls":
-        return hidden[:, 0]
-    if pooling == "mean":
-        if mask is None:
-            return hidden.mean(dim=1)
-        m = mask.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-    raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+    """One feature per labelled sample: the analysis poolings except ``"tokens"``."""
+    from .analysis.pooling import pool
+
+    if pooling not in ("cls", "mean", "last"):
+        raise ValueError(f"pooling must be 'cls', 'mean' or 'last' (one feature per labelled sample), got {pooling!r}")
+    return pool(hidden, mask, pooling)
 
 
 @torch.no_grad()
