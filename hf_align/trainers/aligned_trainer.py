@@ -198,7 +198,7 @@ class AlignedTrainer(Trainer):
         if model.training and self.args.log_layer_losses:
             # per-layer values on the same footing as the logged loss: the mean over the optimizer step
             values = torch.tensor([0.0 if l is None else l.item() for l in losses], dtype=torch.float64)
-            accumulation = self.current_gradient_accumulation_steps
+            accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             self._layer_loss_sum += values * scale if num_items is not None else values / accumulation
             self._layer_loss_steps += 1.0 / accumulation
         return (loss, outputs) if return_outputs else loss
