@@ -281,6 +281,39 @@ def e2e_pytorch_cka(model, batches):
 # ------------------------------------------------------------------------------------------- main
 
 
+def e2e_section(args, model, log):
+    """Part (b): the all-pairs CKA matrix end to end from model and data vs a bare forward, interleaved."""
+    log(f"## (b) End to end: {args.e2e_n} inputs of <= {args.e2e_seq} tokens, batches of 256")
+    log("")
+    batches = make_batches(args.e2e_n, args.e2e_seq, 256, seed=2)
+    e2e_bare(model, batches[:1])  # warm-up
+    tb, to = [], []
+    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
+        t = time.perf_counter()
+        e2e_bare(model, batches)
+        tb.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        e2e_ours(model, batches)
+        to.append(time.perf_counter() - t)
+    mb_, mo = statistics.median(tb), statistics.median(to)
+    log("| contender | time (s) | vs bare forward |")
+    log("|---|---|---|")
+    log(f"| bare forward pass (model(**batch), no_grad) | {mb_:.2f} | 1.000 |")
+    log(f"| hf_align.layer_similarity(metric='cka', pooling='cls') | {mo:.2f} | {mo / mb_:.3f} |")
+    if not args.skip_libs:
+        for name, fn in [("pytorch-cka compute_cka (its hooks: flattened token features; uses input_ids only, drops the attention mask)", e2e_pytorch_cka)]:
+            runs = [timed(fn, model, batches) for _ in range(args.e2e_lib_repeats)]
+            tl = statistics.median(r[0] for r in runs)
+            log(f"| {name} | {tl:.2f} | {tl / mb_:.3f} | ")
+            if runs[0][2]:
+                log(f"|  error: {runs[0][2]} | | |")
+    log("")
+    log(f"Individual runs (s): bare {[round(x, 2) for x in tb]}, hf_align {[round(x, 2) for x in to]}.")
+    ratios = [o / b for o, b in zip(to, tb)]
+    log(f"Per-repeat ratio hf_align / bare: {[round(r, 3) for r in ratios]}; median **{statistics.median(ratios):.3f}** "
+        "(target <= 1.05).")
+
+
 def memory_table(args, log):
     log("## Peak memory (fresh process, RSS growth during the computation, MiB)")
     log("")
@@ -313,6 +346,7 @@ def main():
     p.add_argument("--skip-libs", action="store_true")
     p.add_argument("--out", default=None)
     p.add_argument("--memory-only", action="store_true", help="only the peak-memory table")
+    p.add_argument("--e2e-only", action="store_true", help="only part (b), end to end against a bare forward")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     lines = []
@@ -321,6 +355,18 @@ def main():
         print(s, flush=True)
         lines.append(s)
 
+    if args.e2e_only:
+        log("# Layer similarity end to end vs a bare forward (benchmarks/similarity_bench.py --e2e-only)")
+        log("")
+        log(f"Command: `python benchmarks/similarity_bench.py {' '.join(sys.argv[1:])}`")
+        log("")
+        log(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), {os.cpu_count()} cores; model as in similarity.md.")
+        log("")
+        e2e_section(args, build_model(), log)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.memory_only:
         log(f"Command: `python benchmarks/similarity_bench.py {' '.join(sys.argv[1:])}`")
         log("")
@@ -429,33 +475,7 @@ def main():
 
     memory_table(args, log)
 
-    # ---------------- (b)
-    log(f"## (b) End to end: {args.e2e_n} inputs of <= {args.e2e_seq} tokens, batches of 256")
-    log("")
-    batches = make_batches(args.e2e_n, args.e2e_seq, 256, seed=2)
-    e2e_bare(model, batches[:1])  # warm-up
-    tb, to = [], []
-    for _ in range(args.repeats):  # interleaved, so drifting machine load hits both alike
-        t = time.perf_counter()
-        e2e_bare(model, batches)
-        tb.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        e2e_ours(model, batches)
-        to.append(time.perf_counter() - t)
-    mb_, mo = statistics.median(tb), statistics.median(to)
-    log("| contender | time (s) | vs bare forward |")
-    log("|---|---|---|")
-    log(f"| bare forward pass (model(**batch), no_grad) | {mb_:.2f} | 1.000 |")
-    log(f"| hf_align.layer_similarity(metric='cka', pooling='cls') | {mo:.2f} | {mo / mb_:.3f} |")
-    if not args.skip_libs:
-        for name, fn in [("pytorch-cka compute_cka (its hooks: flattened token features; uses input_ids only, drops the attention mask)", e2e_pytorch_cka)]:
-            runs = [timed(fn, model, batches) for _ in range(args.e2e_lib_repeats)]
-            tl = statistics.median(r[0] for r in runs)
-            log(f"| {name} | {tl:.2f} | {tl / mb_:.3f} | ")
-            if runs[0][2]:
-                log(f"|  error: {runs[0][2]} | | |")
-    log("")
-    log(f"Individual runs (s): bare {[round(x, 2) for x in tb]}, hf_align {[round(x, 2) for x in to]}.")
+    e2e_section(args, model, log)
     log("")
     log(f"Total benchmark time: {time.perf_counter() - t_start:.0f} s.")
     if args.out:
