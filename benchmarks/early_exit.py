@@ -19,6 +19,7 @@ import sys
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import RESULTS, digits_task, machine_info, scipy_docs_task, train_model  # noqa: E402
@@ -71,6 +72,12 @@ def evaluate_recipe(task, recipe, repeats, bs1_samples, log):
             full_times.append(t_full)
             exit_times.append(t_exit)
         full_acc = (torch.cat(full_out).argmax(-1) == labels).double().mean().item()
+        flops = {}
+        for name, fn in [("full", lambda b: plain(**b).logits), ("exit", lambda b: ee(**b))]:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                for b, _ in items:
+                    fn(b)
+            flops[name] = counter.get_total_flops() / len(labels)
         exit_logits = torch.cat([o.logits for o in exit_out])
         exit_layers = torch.cat([o.exit_layers for o in exit_out]).double()
         row[bs] = {
@@ -81,6 +88,8 @@ def evaluate_recipe(task, recipe, repeats, bs1_samples, log):
             "full_ms": 1e3 * statistics.median(full_times) / len(labels),
             "exit_ms": 1e3 * statistics.median(exit_times) / len(labels),
             "speedup": statistics.median(f / e for f, e in zip(full_times, exit_times)),
+            "full_mflops": flops["full"] / 1e6,
+            "exit_mflops": flops["exit"] / 1e6,
         }
     return row
 
@@ -156,20 +165,23 @@ def main():
              "Confidence policy; threshold calibrated on the first half of the test split (lowest mean exit block within "
              "1 point of full depth), all numbers below on the second half. Full depth = the plain transformers model's "
              f"forward. Speed-up = median over {args.repeats} interleaved repeats of (full-depth time / early-exit time). "
-             "Targets: >= 2x at <= 1 point loss for batch size 1, >= 1.5x for batch size 32.", ""]
+             "Targets: >= 2x at <= 1 point loss for batch size 1, >= 1.5x for batch size 32. FLOPs are counted by "
+             "torch.utils.flop_counter over the same inputs (heads included); the survey's other cost axes, layers run "
+             "and latency, are the mean-exit and ms columns.", ""]
     rows_by_task = {}
     for task in (digits_task(), scipy_docs_task()):
         rows = [evaluate_recipe(task, recipe, args.repeats, args.bs1_samples, print)
                 for recipe in ("aligned", "standard", "multi-exit")]
         rows_by_task[task["name"]] = rows
         lines += [f"## {task['name']}", "",
-                  "| model | threshold | batch | full acc | exit acc | loss (pts) | mean exit block / 6 | full ms/sample | exit ms/sample | speed-up |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+                  "| model | threshold | batch | full acc | exit acc | loss (pts) | mean exit block / 6 | MFLOPs/sample full -> exit | full ms/sample | exit ms/sample | speed-up |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for row in rows:
             for bs in (1, 32):
                 r = row[bs]
                 lines.append(f"| {row['recipe']} | {row['threshold']} | {bs} | {100 * r['full_acc']:.2f} | {100 * r['exit_acc']:.2f} | "
-                             f"{100 * (r['full_acc'] - r['exit_acc']):+.2f} | {r['mean_exit']:.2f} | {r['full_ms']:.3f} | "
+                             f"{100 * (r['full_acc'] - r['exit_acc']):+.2f} | {r['mean_exit']:.2f} | {r['full_mflops']:.2f} -> {r['exit_mflops']:.2f} | "
+                             f"{r['full_ms']:.3f} | "
                              f"{r['exit_ms']:.3f} | **{r['speedup']:.2f}x** |")
         lines.append("")
         for row in rows:
