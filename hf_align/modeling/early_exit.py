@@ -175,12 +175,14 @@ class EarlyExitModel(nn.Module):
         final_logits: torch.Tensor | None = None
         exit_layers = torch.full((batch,), L, dtype=torch.long, device=device)
         history: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-        previous = torch.full((batch,), -1, dtype=torch.long, device=device)
-        streak = torch.zeros(batch, dtype=torch.long, device=device)
-        skip_heads = settings.policy == "fixed" and not output_layer_logits
+        patience = settings.policy == "patience"
+        previous = torch.full((batch,), -1, dtype=torch.long, device=device) if patience else None
+        streak = torch.zeros(batch, dtype=torch.long, device=device) if patience else None
+        # the first block after which anyone may exit: no head is needed before it (unless asked for)
+        first = max(settings.min_layer, settings.exit_layer if settings.policy == "fixed" else 1)
         for layer in range(1, L + 1):
             state = view.run_block(state)
-            if skip_heads and layer < max(settings.exit_layer, settings.min_layer):
+            if layer < first and not (output_layer_logits or patience):
                 continue
             logits = view.head(state.hidden, state.context, layer=layer)
             if final_logits is None:
@@ -188,21 +190,30 @@ class EarlyExitModel(nn.Module):
             if output_layer_logits:
                 for i, row in enumerate(rows.tolist()):
                     history[row].append(logits[i])
-            prediction = logits.argmax(-1)
-            streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
-            previous = prediction
-            done = _exit_mask(settings, logits, layer, streak) if layer >= settings.min_layer else torch.zeros_like(prediction, dtype=torch.bool)
+            if patience:
+                prediction = logits.argmax(-1)
+                streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
+                previous = prediction
             if layer == L:
-                done = torch.ones_like(done)
-            if done.any():
-                final_logits[rows[done]] = logits[done]
-                exit_layers[rows[done]] = layer
-            keep = ~done
-            if not keep.any():
+                final_logits[rows] = logits
+                exit_layers[rows] = L
                 break
-            if not keep.all():
-                index = keep.nonzero().squeeze(1)
-                state, rows, previous, streak = state.select(index), rows[index], previous[index], streak[index]
+            if layer < first:
+                continue
+            done = _exit_mask(settings, logits, layer, streak)
+            n_done = int(done.sum())  # one synchronisation per block
+            if n_done == 0:
+                continue
+            if n_done == done.shape[0]:  # everyone still running exits here
+                final_logits[rows] = logits
+                exit_layers[rows] = layer
+                break
+            final_logits[rows[done]] = logits[done]
+            exit_layers[rows[done]] = layer
+            index = (~done).nonzero().squeeze(1)
+            state, rows = state.select(index), rows[index]
+            if patience:
+                previous, streak = previous[index], streak[index]
         layer_logits = [torch.stack(h) for h in history] if output_layer_logits else None
         return EarlyExitOutput(logits=final_logits, exit_layers=exit_layers, layer_logits=layer_logits)
 
