@@ -437,7 +437,8 @@ def main():
             runs = [timed(fn, Fn) for _ in range(args.lib_repeats)]
             tl = statistics.median(r[0] for r in runs)
             results[(n, name)] = runs[0][1]
-            log(f"| {n} | {name} | {tl:.3f} | {tl / t_ours:.1f}x slower | {runs[0][2] or 'ok'} |")
+            rel = f"{tl / t_ours:.1f}x slower" if tl >= t_ours else f"{t_ours / tl:.1f}x faster"
+            log(f"| {n} | {name} | {tl:.3f} | {rel} | {runs[0][2] or 'ran (values: see below)'} |")
         log(f"| {n} | elapsed so far | {time.perf_counter() - t_start:.0f} | | |")
     log("")
 

@@ -376,8 +376,12 @@ class _CosineSummary:
     neighbors: np.ndarray | None  # (K, m) indices of the m largest cosines of each row (self excluded)
 
 
-def _cosine_summary(Vn: np.ndarray, *, neighbors: int = 0, precision: str = "auto") -> _CosineSummary:
-    """One blocked pass over the K x K cosine matrix of unit rows ``Vn``; memory O(block * K)."""
+def _cosine_summary(Vn: np.ndarray, *, neighbors: int = 0, precision: str = "auto", sums: bool = True) -> _CosineSummary:
+    """One blocked pass over the K x K cosine matrix of unit rows ``Vn``; memory O(block * K).
+
+    One (block x K) buffer is reused for every block (no per-block allocations: at K = 100,000 those page
+    faults cost more than the arithmetic). ``sums=False`` skips the cosine sums (only neighbours/maximum).
+    """
     K, d = Vn.shape
     dt = _pass_dtype(K, precision)
     V = torch.from_numpy(np.ascontiguousarray(Vn, dtype=dt))
@@ -386,19 +390,27 @@ def _cosine_summary(Vn: np.ndarray, *, neighbors: int = 0, precision: str = "aut
     b = _block_rows(K, np.dtype(dt).itemsize)
     abs_sum = s1 = s2 = 0.0
     nbr = np.empty((K, m), dtype=np.int64)
+    buffer = torch.empty((b, K), dtype=V.dtype)
+    VT = V.T
     for start in range(0, K, b):
         stop = min(K, start + b)
-        G = V[start:stop] @ V.T  # (b, K)
+        G = buffer[: stop - start]
+        torch.mm(V[start:stop], VT, out=G)  # (b, K)
         rows = torch.arange(stop - start)
         G[rows, rows + start] = -2.0  # mask the diagonal (cos >= -1)
-        top = torch.topk(G, m, dim=1)
-        nbr[start:stop] = top.indices.numpy()
+        if m == 1:
+            nbr[start:stop, 0] = G.argmax(dim=1).numpy()
+        else:
+            nbr[start:stop] = torch.topk(G, m, dim=1, sorted=True).indices.numpy()
+        if not sums:
+            continue
         G[rows, rows + start] = 0.0
-        s1 += float(G.sum(dtype=torch.float64))
-        s2 += float(torch.linalg.vector_norm(G, dtype=torch.float64) ** 2)
+        # row sums in the pass dtype (pairwise summation), accumulated in float64 across rows and blocks
+        s1 += float(G.sum(dim=1).double().sum())
+        s2 += float(torch.linalg.vector_norm(G, dim=1).double().pow(2).sum())
         G.add_(shift).abs_()
         G[rows, rows + start] = 0.0
-        abs_sum += float(G.sum(dtype=torch.float64))
+        abs_sum += float(G.sum(dim=1).double().sum())
     # Tammes maximum refined in float64 on each row's m candidates (exact in float64 mode; in float32 mode
     # exact whenever the true maximiser is among the row's float32 top m, error bound (d+3) 2^-24 otherwise)
     Vd = Vn.astype(np.float64, copy=False)
@@ -655,7 +667,7 @@ def gnc2(
     m0 = min(K - 1, candidates if candidates is not None else max(8, d // 2))
     nv = add_violators if add_violators is not None else max(8, d // 4)
     if neighbors is None or neighbors.shape[1] < m0:
-        neighbors = _cosine_summary(Wn, neighbors=m0, precision=precision).neighbors
+        neighbors = _cosine_summary(Wn, neighbors=m0, precision=precision, sums=False).neighbors
     # the check runs in float32 with an explicit error bound (exact in float64 afterwards) unless asked not to
     dt = np.float64 if precision == "float64" else np.float32
     Wt = torch.from_numpy(np.ascontiguousarray(Wn, dtype=dt))
@@ -688,12 +700,14 @@ def gnc2(
         # check against all rows, in blocks (one matmul per block)
         still: list[np.ndarray] = []
         b = _block_rows(K, np.dtype(dt).itemsize)
+        buffer = torch.empty((min(b, active.size), K), dtype=Wt.dtype)  # reused by every block
         for s in range(0, active.size, b):
             ks = active[s : s + b]
             Hk = H[ks]
             r = primal[ks]
             own = np.einsum("bd,bd->b", Wn[ks], Hk)  # <w_k, h_k> in float64
-            scores = torch.from_numpy(Hk.astype(dt)) @ Wt.T  # (b, K): <w_j, h_k>
+            scores = buffer[: ks.size]
+            torch.mm(torch.from_numpy(Hk.astype(dt)), Wt.T, out=scores)  # (b, K): <w_j, h_k>
             scores[torch.arange(ks.size), torch.from_numpy(ks)] = -math.inf
             # v_j = own - <w_j, h_k> < r (+ the float32 error bound)  <=>  scores >= own - r - err
             thr = torch.from_numpy((own - r - err32 - 1e-9).astype(dt))
