@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -47,10 +48,10 @@ def digit_image(pixel_values):
     return Image.fromarray(array, mode="L")
 
 
-def run_demo(output_dir: str = "hf-align-demo", steps: int = 300, seed: int = 0) -> dict:
+def run_demo(output_dir: str = "hf-align-demo", steps: int = 800, seed: int = 0) -> dict:
     from transformers import pipeline
 
-    from .analysis import layer_similarity, rank_correlation
+    from .analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation
     from .data import load_digits_dataset
     from .modeling import EarlyExitModel, calibrate
     from .trainers import AlignedTrainer, AlignedTrainingArguments
@@ -86,8 +87,10 @@ def run_demo(output_dir: str = "hf-align-demo", steps: int = 300, seed: int = 0)
     # 2. layer-wise similarity -----------------------------------------------------------------------------
     images = test.remove_columns("labels")
     model.eval()
-    cka = layer_similarity(model, images, metric="cka", pooling="cls", batch_size=256, progress=False)
-    cos = layer_similarity(model, images, metric="cosine", pooling="cls", batch_size=256, progress=False)
+    with warnings.catch_warnings():  # the undefined (constant) layers are reported below
+        warnings.simplefilter("ignore", UndefinedSimilarityWarning)
+        cka = layer_similarity(model, images, metric="cka", pooling="cls", batch_size=256, progress=False)
+        cos = layer_similarity(model, images, metric="cosine", pooling="cls", batch_size=256, progress=False)
     cka.plot(os.path.join(output_dir, "layer_cka.png"))
     cos.plot(os.path.join(output_dir, "layer_cosine.png"))
     rho = rank_correlation(cos.matrix, cka.matrix)
