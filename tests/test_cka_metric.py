@@ -4,28 +4,12 @@ import os
 
 import numpy as np
 import pytest
+from references import ref_linear_cka
+from references import ref_u_center as ref_u
 
 evaluate = pytest.importorskip("evaluate")
 
 FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf_align", "metrics", "cka")
-
-
-def ref_linear_cka(X, Y):
-    n = len(X)
-    H = np.eye(n) - 1.0 / n
-    K, L = H @ X @ X.T @ H, H @ Y @ Y.T @ H
-    return np.sum(K * L) / (np.linalg.norm(K) * np.linalg.norm(L))
-
-
-def ref_u(K):
-    n = len(K)
-    K = K.copy()
-    np.fill_diagonal(K, 0)
-    m = K.sum(0) / (n - 2)
-    m -= m.sum() / (2 * (n - 1))
-    K = K - m[:, None] - m[None, :]
-    np.fill_diagonal(K, 0)
-    return K
 
 
 @pytest.fixture(scope="module")

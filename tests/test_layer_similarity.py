@@ -10,6 +10,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from references import ref_linear_cka as ref_cka
+from references import ref_u_center as ref_u
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_align.analysis import rank_correlation
@@ -62,24 +64,6 @@ def reference_features(model, examples, pooling):
             f = torch.cat([h[i, m[i]] for i in range(len(h))])
         out.append(f.numpy())
     return out
-
-
-def ref_cka(a, b):
-    n = len(a)
-    H = np.eye(n) - 1.0 / n
-    K, L = H @ a @ a.T @ H, H @ b @ b.T @ H
-    return np.sum(K * L) / (np.linalg.norm(K) * np.linalg.norm(L))
-
-
-def ref_u(K):
-    n = len(K)
-    K = K.copy()
-    np.fill_diagonal(K, 0)
-    m = K.sum(0) / (n - 2)
-    m -= m.sum() / (2 * (n - 1))
-    K = K - m[:, None] - m[None, :]
-    np.fill_diagonal(K, 0)
-    return K
 
 
 def ref_dcka(a, b):

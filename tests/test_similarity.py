@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from references import ref_u_center
 
 from hf_align.analysis.similarity import (
     SimilarityUndefinedError,
@@ -35,19 +36,6 @@ def ref_linear_cka(X, Y):
     X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
     K, L = X @ X.T, Y @ Y.T
     return _hsic_biased(K, L) / np.sqrt(_hsic_biased(K, K) * _hsic_biased(L, L))
-
-
-def ref_u_center(K):
-    # Kornblith et al. 2019, center_gram(unbiased=True)
-    n = K.shape[0]
-    K = K.copy()
-    np.fill_diagonal(K, 0)
-    means = np.sum(K, 0) / (n - 2)
-    means -= np.sum(means) / (2 * (n - 1))
-    K -= means[:, None]
-    K -= means[None, :]
-    np.fill_diagonal(K, 0)
-    return K
 
 
 def ref_debiased_cka(X, Y):

@@ -3,20 +3,10 @@
 import numpy as np
 import pytest
 import torch
+from references import ref_u_center
 
 from hf_align.analysis.similarity import cosine, debiased_linear_cka, linear_cka, minibatch_cka
 from hf_align.analysis.streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA
-
-
-def ref_u_center(K):
-    n = K.shape[0]
-    K = K.copy()
-    np.fill_diagonal(K, 0)
-    means = np.sum(K, 0) / (n - 2)
-    means -= np.sum(means) / (2 * (n - 1))
-    K -= means[:, None] + means[None, :]
-    np.fill_diagonal(K, 0)
-    return K
 
 
 def ref_cka_matrices(blocks):
