@@ -18,7 +18,15 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, digits_task, layer_accuracies, machine_info, scipy_docs_task, train_model  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    digits_task,
+    layer_accuracies,
+    machine_info,
+    plot_panels,
+    scipy_docs_task,
+    train_model,
+)
 
 
 def step_time_ratio(task, rounds: int = 25, steps: int = 10, batch_size: int = 32) -> dict:
@@ -74,25 +82,6 @@ def gap_closure(std: list[float], ali: list[float]) -> dict:
     return {"half_depth": h, "std_gap": gap, "closed": (ali[h - 1] - std[h - 1]) / gap if gap > 0 else float("inf")}
 
 
-def plot(curves_by_task: dict, path: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(curves_by_task), figsize=(5 * len(curves_by_task), 3.4), dpi=120)
-    for ax, (name, curves) in zip(axes, curves_by_task.items()):
-        for recipe, accs in curves.items():
-            ax.plot(range(1, len(accs) + 1), [100 * a for a in accs], marker="o", label=recipe)
-        ax.set_title(f"{name}: accuracy through the shared head")
-        ax.set_xlabel("block l")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -131,7 +120,10 @@ def main():
                   f"to the next: {largest_dip:.2f} points; one test sample is {100 / len(task['test']):.2f} points)",
                   f"- last block: aligned {100 * ali[-1]:.1f}% vs standard {100 * std[-1]:.1f}% "
                   f"({last_drop:+.1f} points below standard; target <= 1): **{'met' if last_drop <= 1 else 'NOT met'}**", ""]
-    plot(curves, os.path.join(RESULTS, "aligned_training.png"))
+    panels = {f"{name}: accuracy through the shared head":
+              {recipe: (list(range(1, len(accs) + 1)), [100 * a for a in accs]) for recipe, accs in per_task.items()}
+              for name, per_task in curves.items()}
+    plot_panels(panels, os.path.join(RESULTS, "aligned_training.png"), xlabel="block l", ylabel="test accuracy (%)")
     lines += ["![layer-wise accuracy](aligned_training.png)", ""]
     if not args.skip_timing:
         lines += ["## Training-step cost (forward + backward + AdamW step, same batch)", "",

@@ -143,3 +143,24 @@ def train_model(task: dict, recipe: str, seed: int = 0, force: bool = False, log
 
 def layer_accuracies(metrics: dict, num_layers: int = 6) -> list[float]:
     return [metrics[f"eval_layer_{l}_accuracy"] for l in range(1, num_layers + 1)]
+
+
+def plot_panels(panels: dict, path: str, xlabel: str, ylabel: str = "accuracy (%)", marker: str = "o"):
+    """One subplot per task: ``panels = {title: {label: (xs, ys)}}``, saved as a PNG (Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.5), dpi=120, squeeze=False)
+    for ax, (title, curves) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in curves.items():
+            ax.plot(xs, ys, marker=marker, label=label)
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

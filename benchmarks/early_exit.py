@@ -22,7 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, digits_task, machine_info, scipy_docs_task, train_model  # noqa: E402
+from common import RESULTS, digits_task, machine_info, plot_panels, scipy_docs_task, train_model  # noqa: E402
 
 
 def batches(task, data, batch_size):
@@ -134,26 +134,6 @@ def pipeline_overhead(task, repeats, samples=100):
     return statistics.median(ratios), ratios
 
 
-def plot(rows_by_task, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(rows_by_task), figsize=(5.2 * len(rows_by_task), 3.5), dpi=120)
-    for ax, (name, rows) in zip(axes, rows_by_task.items()):
-        for row in rows:
-            c = row["curve"]
-            ax.plot(c.mean_exit_layer, [100 * a for a in c.accuracy], marker=".", label=row["recipe"])
-        ax.set_title(f"{name}: confidence exit (validation half)")
-        ax.set_xlabel("mean exit block")
-        ax.set_ylabel("accuracy (%)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
@@ -187,7 +167,10 @@ def main():
         for row in rows:
             lines += [f"<details><summary>{row['recipe']}: calibration curve (validation half)</summary>", "",
                       row["curve"].to_markdown(), "", "</details>", ""]
-    plot(rows_by_task, os.path.join(RESULTS, "early_exit.png"))
+    panels = {f"{name}: confidence exit (validation half)":
+              {row["recipe"]: (row["curve"].mean_exit_layer, [100 * a for a in row["curve"].accuracy]) for row in rows}
+              for name, rows in rows_by_task.items()}
+    plot_panels(panels, os.path.join(RESULTS, "early_exit.png"), xlabel="mean exit block", marker=".")
     lines += ["![accuracy vs mean exit block](early_exit.png)", "", "## Pipeline overhead", "",
               "`pipeline(\"early-exit-classification\")` per input vs preprocessing + `EarlyExitModel` called directly, "
               "batch size 1, 100 inputs, median of repeats. Target <= 1.10x.", "",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .early_exit import EarlyExitConfig, EarlyExitModel
+from .early_exit import EarlyExitConfig, EarlyExitModel, _exit_mask
 
 __all__ = ["ExitCurve", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
 
@@ -51,27 +51,24 @@ def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, coll
 
 
 def simulate_exits(layer_logits: np.ndarray, settings: EarlyExitConfig) -> np.ndarray:
-    """Exit block (1-based) of each sample under ``settings``, from (N, L, C) logits — EarlyExitModel's rule."""
-    N, L, _ = layer_logits.shape
-    z = layer_logits - layer_logits.max(-1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(-1, keepdims=True)
-    layers = np.arange(1, L + 1)
-    if settings.policy == "confidence":
-        hit = p.max(-1) >= settings.threshold
-    elif settings.policy == "entropy":
-        hit = -(p * np.log(np.clip(p, 1e-30, None))).sum(-1) <= settings.threshold
-    elif settings.policy == "patience":
-        pred = layer_logits.argmax(-1)
-        streak = np.ones((N, L), dtype=int)
-        for l in range(1, L):
-            streak[:, l] = np.where(pred[:, l] == pred[:, l - 1], streak[:, l - 1] + 1, 1)
-        hit = streak >= settings.patience
-    else:  # fixed
-        hit = np.broadcast_to(layers >= settings.exit_layer, (N, L)).copy()
-    hit &= layers >= settings.min_layer
-    hit[:, -1] = True
-    return hit.argmax(1) + 1
+    """Exit block (1-based) of each sample under ``settings``, from (N, L, C) logits, with the very rule
+    :class:`EarlyExitModel` applies after each block (``_exit_mask``)."""
+    logits = torch.as_tensor(layer_logits)
+    N, L, _ = logits.shape
+    exits = torch.full((N,), L, dtype=torch.long)
+    undecided = torch.ones(N, dtype=torch.bool)
+    previous = torch.full((N,), -1, dtype=torch.long)
+    streak = torch.zeros(N, dtype=torch.long)
+    for layer in range(1, L):  # block L: everyone left exits
+        prediction = logits[:, layer - 1].argmax(-1)
+        streak = torch.where(prediction == previous, streak + 1, torch.ones_like(streak))
+        previous = prediction
+        if layer < settings.min_layer:
+            continue
+        hit = _exit_mask(settings, logits[:, layer - 1], layer, streak) & undecided
+        exits[hit] = layer
+        undecided &= ~hit
+    return exits.numpy()
 
 
 def _default_thresholds(policy: str, num_classes: int, num_layers: int) -> list:

@@ -50,7 +50,7 @@ class EarlyExitClassificationPipeline(Pipeline):
     def __init__(self, model, *args, **kwargs):
         settings = {k: kwargs.pop(k) for k in _SETTINGS if k in kwargs}
         if isinstance(model, EarlyExitModel):
-            settings = {**{k: v for k, v in vars(model.settings).items()}, **settings}
+            settings = {**vars(model.settings), **settings}
             model = model.model
         super().__init__(model, *args, **kwargs)
         self.early_exit = EarlyExitModel(self.model, **settings)
@@ -131,8 +131,7 @@ class EarlyExitClassificationPipeline(Pipeline):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
         config = self.early_exit.config
-        previous = {k: getattr(config, k, None) for k in ("early_exit", "custom_pipelines")}
-        config.early_exit = vars(self.early_exit.settings).copy()
+        previous = getattr(config, "custom_pipelines", None)
         config.custom_pipelines = {
             "early-exit-classification": {
                 "impl": "early_exit_classification.EarlyExitClassificationPipeline",
@@ -142,7 +141,7 @@ class EarlyExitClassificationPipeline(Pipeline):
         }
         try:
             os.makedirs(save_directory, exist_ok=True)
-            self.model.save_pretrained(save_directory, **kwargs)
+            self.early_exit.save_pretrained(save_directory, **kwargs)  # writes config.early_exit too
             for component in (self.tokenizer, self.image_processor):
                 if component is not None:
                     component.save_pretrained(save_directory, **kwargs)
@@ -151,8 +150,7 @@ class EarlyExitClassificationPipeline(Pipeline):
                 f.write(_SHIM)
             shutil.move(path + ".tmp", path)
         except Exception:
-            for key, value in previous.items():
-                setattr(config, key, value)
+            config.custom_pipelines = previous
             raise
 
 
