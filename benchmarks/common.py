@@ -62,6 +62,25 @@ def scipy_docs_task(max_length: int = 64):
             "label_names": data["train"].features["labels"].names}
 
 
+def with_model_tokenizer(task: dict, recipe: str, seed: int = 0) -> dict:
+    """The task's test split re-encoded with the tokenizer saved beside a cached model.
+
+    WordPiece training is not deterministic (ties between merges), so a tokenizer trained afresh need not
+    have the vocabulary a cached model was trained with; evaluation must use the model's own.
+    """
+    if task["processing_class"] is None:
+        return task
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(CACHE, f"{task['name']}-{recipe}-seed{seed}"))
+
+    def encode(batch):
+        return tokenizer(batch["text"], truncation=True, max_length=tokenizer.model_max_length)
+
+    test = task["raw_test"].map(encode, batched=True, remove_columns=["text", "object"])
+    return {**task, "test": test, "processing_class": tokenizer, "collator": DataCollatorWithPadding(tokenizer)}
+
+
 def build_model(task: dict, seed: int = 0, multi_exit: bool = False):
     """The task's model, from a config (random init, seeded). ``multi_exit``: the separate-heads baseline."""
     from transformers import BertConfig, BertForSequenceClassification

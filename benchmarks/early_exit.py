@@ -22,7 +22,15 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, digits_task, machine_info, plot_panels, scipy_docs_task, train_model  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    digits_task,
+    machine_info,
+    plot_panels,
+    scipy_docs_task,
+    train_model,
+    with_model_tokenizer,
+)
 
 
 def batches(task, data, batch_size):
@@ -53,6 +61,7 @@ def evaluate_recipe(task, recipe, repeats, bs1_samples, log):
     from hf_align import EarlyExitModel, calibrate
 
     model, metrics, _ = train_model(task, recipe, seed=0, log=log)
+    task = with_model_tokenizer(task, recipe)
     model.eval()
     test = task["test"]
     half = len(test) // 2
@@ -101,6 +110,7 @@ def pipeline_overhead(task, repeats, samples=100):
     from hf_align import EarlyExitModel
 
     model, _, _ = train_model(task, "aligned", seed=0)
+    task = with_model_tokenizer(task, "aligned")
     ee = EarlyExitModel(model.eval(), policy="confidence", threshold=0.9)
     if task["name"] == "digits-vit":
         import numpy as np
