@@ -33,7 +33,7 @@ _LAZY = {
                                       "hsic1", "layer_similarity", "linear_cka", "minibatch_cka", "rank_correlation",
                                       "rbf_cka")},
     # neural collapse
-    **{name: ".collapse" for name in ("ClassStatistics", "collapse_metrics", "collapse_report", "gnc2",
+    **{name: ".analysis.collapse" for name in ("ClassStatistics", "collapse_metrics", "collapse_report", "gnc2",
                                       "plot_collapse_progression")},
     # DREAM and super-resolution (diffusers)
     "dream_rectify": ".diffusion",
