@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "BASE_TASK",
     "TASKS",
     "HeadContext",
     "LayerFamily",
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 TASKS = ("sequence-classification", "image-classification", "causal-lm")
+# A head-less base model (BertModel, ViTModel, GPT2Model, LlamaModel...): hidden states, stop-after-k and
+# pooling work; anything that needs a head raises a clear error.
+BASE_TASK = "feature-extraction"
 
 # Class-name suffixes (searched along the MRO, so user subclasses work) -> task.
 _TASK_SUFFIXES = (
@@ -93,6 +97,11 @@ class LayerFamily:
         unbatched_kwargs: names of block keyword arguments that have no batch dimension (never row-sliced
             when finished samples leave a batch).
         pooling: task -> how the head pools tokens ("cls", "last", "none" for per-token LM heads).
+        final_norm: dotted path (from ``model.base_model``) of the final norm the base model applies to the
+            last block's output (``None`` if it has none); used for head-less base models.
+        final_norm_in_hidden_states: whether the model's own ``output_hidden_states=True`` returns the last
+            hidden state *after* that final norm (GPT-2, Llama) or before it (ViT, whose
+            ``last_hidden_state`` alone is normed).
     """
 
     name: str
@@ -102,6 +111,8 @@ class LayerFamily:
     block_paths: tuple[str, ...] = ()
     unbatched_kwargs: tuple[str, ...] = ()
     pooling: dict[str, str] = field(default_factory=dict)
+    final_norm: str | None = None
+    final_norm_in_hidden_states: bool = False
 
 
 _REGISTRY: dict[str, LayerFamily] = {}
@@ -116,6 +127,8 @@ def register_family(
     block_paths: Sequence[str] = (),
     unbatched_kwargs: Sequence[str] = (),
     pooling: dict[str, str] | None = None,
+    final_norm: str | None = None,
+    final_norm_in_hidden_states: bool = False,
     overwrite: bool = False,
 ) -> LayerFamily:
     """Register a family so that :class:`LayerView` supports it.
@@ -161,6 +174,8 @@ def register_family(
         block_paths=tuple(block_paths),
         unbatched_kwargs=tuple(unbatched_kwargs),
         pooling=dict(pooling or {}),
+        final_norm=final_norm,
+        final_norm_in_hidden_states=bool(final_norm_in_hidden_states),
     )
     _REGISTRY[name] = family
     return family
@@ -168,7 +183,7 @@ def register_family(
 
 def supported_families() -> dict[str, dict[str, Any]]:
     """``{family: {"model_types": [...], "tasks": [...]}}`` for every registered family."""
-    return {f.name: {"model_types": list(f.model_types), "tasks": list(f.heads)} for f in _REGISTRY.values()}
+    return {f.name: {"model_types": list(f.model_types), "tasks": [*f.heads, BASE_TASK]} for f in _REGISTRY.values()}
 
 
 def get_family(model_type: str) -> LayerFamily | None:
@@ -179,7 +194,7 @@ def get_family(model_type: str) -> LayerFamily | None:
 
 
 def _supported_text() -> str:
-    return "; ".join(f"{f.name} ({', '.join(f.model_types)}: {', '.join(f.heads)})" for f in _REGISTRY.values())
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)}: {', '.join([*f.heads, BASE_TASK])})" for f in _REGISTRY.values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,6 +338,7 @@ def _register_builtin_families() -> None:
         classifiers={img: "classifier"},
         block_paths=("layers", "encoder.layer"),
         pooling={img: "cls"},
+        final_norm="layernorm",
     )
     register_family(
         "gpt2",
@@ -331,6 +347,8 @@ def _register_builtin_families() -> None:
         classifiers={seq: "score", lm: "lm_head"},
         block_paths=("h",),
         pooling={seq: "last", lm: "none"},
+        final_norm="ln_f",
+        final_norm_in_hidden_states=True,
     )
     register_family(
         "llama",
@@ -339,6 +357,8 @@ def _register_builtin_families() -> None:
         classifiers={seq: "score", lm: "lm_head"},
         block_paths=("layers",),
         pooling={seq: "last", lm: "none"},
+        final_norm="norm",
+        final_norm_in_hidden_states=True,
     )
 
 
@@ -355,27 +375,36 @@ class _StopForward(Exception):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT or hf-align wrappers (``get_base_model()``); the model itself otherwise."""
+    """The transformers model inside PEFT or hf-align wrappers (``get_base_model()``), or inside a container
+    that is not itself a transformers model (e.g. a sentence-transformers ``SentenceTransformer``: its first
+    ``PreTrainedModel`` submodule); the model itself otherwise."""
     return _unwrap_chain(model)[-1]
 
 
 def _unwrap_chain(model: nn.Module) -> list[nn.Module]:
+    from transformers import PreTrainedModel
+
     chain = [model]
-    while hasattr(model, "get_base_model") and callable(model.get_base_model):
-        inner = model.get_base_model()
-        if inner is model or any(inner is m for m in chain):
+    while True:
+        if hasattr(model, "get_base_model") and callable(model.get_base_model):
+            inner = model.get_base_model()
+        elif not isinstance(model, PreTrainedModel):
+            inner = next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+        else:
+            break
+        if inner is None or inner is model or any(inner is m for m in chain):
             break
         chain.append(inner)
         model = inner
     return chain
 
 
-def find_exit_heads(model: nn.Module) -> nn.ModuleList | None:
-    """Separate per-layer classifiers of a multi-exit model (``exit_heads``) anywhere along the wrapper chain."""
+def _layer_classifier_provider(model: nn.Module) -> Callable[[int], nn.Module | None] | None:
+    """A wrapper's ``layer_classifier(layer)`` anywhere along the wrapper chain (see :meth:`LayerView.head`)."""
     for module in _unwrap_chain(model):
-        heads = getattr(module, "exit_heads", None)
-        if isinstance(heads, nn.ModuleList):
-            return heads
+        provider = getattr(module, "layer_classifier", None)
+        if callable(provider):
+            return provider
     return None
 
 
@@ -455,12 +484,15 @@ class LayerView:
 
     Args:
         model: a transformers ``*ForSequenceClassification``, ``*ForImageClassification`` or
-            ``*ForCausalLM`` model of a registered family, optionally wrapped by PEFT. It is not copied or
-            changed; the view holds a reference.
+            ``*ForCausalLM`` model of a registered family, or its head-less base model (``BertModel``,
+            ``ViTModel``, ``GPT2Model``, ``LlamaModel``...; task ``"feature-extraction"``: hidden states,
+            stop-after-k and pooling work, :meth:`head` raises), optionally wrapped by PEFT or held by a
+            container such as a sentence-transformers model. It is not copied or changed; the view holds a
+            reference.
         check: run the self-check now (recommended; it takes one tiny forward).
         check_inputs: inputs for the self-check; by default a synthetic padded batch built from the config.
-        atol: tolerance of the self-check (max abs difference of logits). Default 1e-5 for float32 models,
-            5e-2 for half precision.
+        atol: tolerance of the self-check (max abs difference of logits; of hidden states for base models).
+            Default 1e-5 for float32 models, 5e-2 for half precision.
 
     Raises:
         ValueError: unsupported model type or task (the message lists the supported families and how to
@@ -479,8 +511,8 @@ class LayerView:
             raise TypeError(f"LayerView expects a transformers model (torch.nn.Module), got {type(model).__name__}")
         self.model = model
         self.hf_model = unwrap_model(model)
-        # multi-exit baselines: one separate final linear layer per block 1..L-1 (block L keeps the model's own)
-        self.exit_heads = find_exit_heads(model)
+        # wrappers may replace the head's final linear layer per block (see head(); the multi-exit model does)
+        self._layer_classifier = _layer_classifier_provider(model)
         config = getattr(self.hf_model, "config", None)
         model_type = getattr(config, "model_type", None)
         how = (
@@ -494,10 +526,12 @@ class LayerView:
                 f"(config.model_type={model_type!r}). Supported families: {_supported_text()}. {how}"
             )
         task = _task_of(self.hf_model)
-        if task not in family.heads:
+        if task is None and getattr(self.hf_model, "base_model", None) is self.hf_model:
+            task = BASE_TASK  # a head-less base model
+        if task != BASE_TASK and task not in family.heads:
             raise ValueError(
                 f"{type(self.hf_model).__name__} is a {family.name} model, but its head type ({task or 'unknown'}) "
-                f"is not supported; family {family.name!r} supports {list(family.heads)}. "
+                f"is not supported; family {family.name!r} supports {[*family.heads, BASE_TASK]}. "
                 f"Supported families: {_supported_text()}. {how}"
             )
         self.family = family
@@ -505,7 +539,7 @@ class LayerView:
         self.base = self.hf_model.base_model
         self.num_layers = int(config.num_hidden_layers)
         self.blocks = self._find_blocks()
-        self._head_fn = family.heads[task]
+        self._head_fn = family.heads.get(task)
         if atol is None:
             atol = 1e-5 if self.dtype == torch.float32 else (5e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-9)
         self.atol = float(atol)
@@ -547,12 +581,35 @@ class LayerView:
 
     @property
     def pooling(self) -> str:
-        """How the model's head pools tokens: "cls", "last" or "none" (per-token LM head)."""
+        """How the model's head pools tokens: "cls", "last" or "none" (per-token LM head). For a head-less
+        base model: the pooling of the family's own classifier ("cls" for encoders and ViT, "last" for
+        decoders)."""
+        if self.task == BASE_TASK:
+            return next((p for p in self.family.pooling.values() if p != "none"), "cls")
         return self.family.pooling.get(self.task, "cls")
+
+    @property
+    def has_head(self) -> bool:
+        """False for a head-less base model (task ``"feature-extraction"``)."""
+        return self._head_fn is not None
+
+    @property
+    def is_vision(self) -> bool:
+        """Whether the model takes ``pixel_values`` (its ``main_input_name``)."""
+        return getattr(self.hf_model, "main_input_name", "input_ids") == "pixel_values"
+
+    def _require_head(self, what: str) -> None:
+        if self._head_fn is None:
+            raise ValueError(
+                f"{type(self.hf_model).__name__} is a base model without a head (task {BASE_TASK!r}): hidden states, "
+                f"forward_until and pooling work, but {what} needs the model's head. Load a model with one "
+                "(e.g. AutoModelForSequenceClassification / AutoModelForImageClassification / AutoModelForCausalLM)."
+            )
 
     @property
     def classifier(self) -> nn.Module:
         """The final linear layer of the head (its ``weight`` is W, one row per class / token)."""
+        self._require_head("the classifier")
         path = self.family.classifiers.get(self.task)
         if path is None:
             raise ValueError(f"family {self.family.name!r} declares no classifier path for task {self.task!r}")
@@ -588,11 +645,11 @@ class LayerView:
     def _model_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         if not inputs:
             raise ValueError("no inputs given: pass the model's keyword inputs (input_ids=..., attention_mask=...)")
-        inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label", "return_dict")}
-        if self.task == "image-classification":
+        inputs = {k: v for k, v in inputs.items() if k not in ("labels", "label", "label_ids", "return_dict")}
+        if self.is_vision:
             if "pixel_values" not in inputs:
                 raise ValueError(
-                    f"{type(self.hf_model).__name__} is an image classifier: expected `pixel_values`, got {sorted(inputs)}"
+                    f"{type(self.hf_model).__name__} is an image model: expected `pixel_values`, got {sorted(inputs)}"
                 )
         elif "input_ids" not in inputs and "inputs_embeds" not in inputs:
             raise ValueError(
@@ -610,7 +667,7 @@ class LayerView:
         """A small synthetic batch for this model (padded where the head's pooling depends on padding)."""
         config = self.hf_model.config
         generator = torch.Generator().manual_seed(seed)
-        if self.task == "image-classification":
+        if self.is_vision:
             size = config.image_size
             height, width = (size, size) if isinstance(size, int) else tuple(size)
             pixels = torch.randn(batch_size, config.num_channels, height, width, generator=generator)
@@ -730,6 +787,22 @@ class LayerView:
         """L+1 hidden states from one forward: [0] embedding output, [l] output of block l (before final norm)."""
         return tuple(state.hidden for state in self.iter_states(**inputs))
 
+    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The base model's final norm (``family.final_norm``) applied to a hidden state; identity if none."""
+        if self.family.final_norm is None:
+            return hidden
+        return self.base.get_submodule(self.family.final_norm)(hidden)
+
+    def output_hidden_states(self, **inputs: Any) -> tuple[torch.Tensor, ...]:
+        """L+1 hidden states as the model's own ``output_hidden_states=True`` returns them: like
+        :meth:`hidden_states`, except that the last one has the final norm applied for families whose models
+        return it that way (GPT-2, Llama, Mistral, Qwen2). This is what the analysis (similarity, collapse
+        on hidden states) measures, so its numbers match any tool built on ``output_hidden_states``."""
+        states = self.hidden_states(**inputs)
+        if self.family.final_norm_in_hidden_states:
+            states = (*states[:-1], self.final_norm(states[-1]))
+        return states
+
     # -- the head --------------------------------------------------------------------------------------
 
     def head(self, hidden: torch.Tensor, context: HeadContext | None = None, layer: int | None = None,
@@ -739,22 +812,53 @@ class LayerView:
         Pass the same ``input_ids``/``attention_mask`` the model was called with (or a ``context``): decoder
         classifiers pool at the last non-padding token, found from the pad id exactly as the model does.
         ``layer`` (1-based) matters only for multi-exit models with separate per-layer classifiers
-        (``exit_heads``): for layer l < L the head's final linear layer is replaced by ``exit_heads[l-1]``
-        (everything before it — norm, pooling, pooler — stays shared, as in PABEE).
+        (a wrapper along the chain that defines ``layer_classifier(layer) -> nn.Module | None``, as
+        :class:`~hf_align.modeling.MultiExitModel` does): where it returns a module, that module replaces the
+        head's final linear layer at this layer (everything before it — norm, pooling, pooler — stays shared,
+        as in PABEE).
         """
+        self._require_head("head()")
         if context is None:
             context = self.context(**inputs)
-        if self.exit_heads is None or layer is None or layer >= self.num_layers:
+        override = None
+        if self._layer_classifier is not None and layer is not None:
+            override = self._layer_classifier(layer)
+        if override is None:
             return self._head_fn(self.hf_model, hidden, context)
-        exit_linear = self.exit_heads[layer - 1]
-        handle = self.classifier.register_forward_hook(lambda module, args, out: exit_linear(args[0]))
+        handle = self.classifier.register_forward_hook(lambda module, args, out: override(args[0]))
         try:
             return self._head_fn(self.hf_model, hidden, context)
         finally:
             handle.remove()
 
+    def head_features(self, hidden: torch.Tensor, context: HeadContext | None = None, **inputs: Any) -> torch.Tensor:
+        """The head's *features* on a hidden state of any layer: the input of its final linear classifier
+        (:attr:`classifier`) when the model's own head runs on ``hidden`` (after final norm, pooling, pooler /
+        dense), recorded by a forward pre-hook on the classifier; the classifier itself is not run.
+        (B, D_head) for classification heads."""
+        self._require_head("head_features()")
+        if context is None:
+            context = self.context(**inputs)
+        recorded: list[torch.Tensor] = []
+
+        def record(module, args):
+            recorded.append(args[0])
+            raise _StopForward
+
+        handle = self.classifier.register_forward_pre_hook(record)
+        try:
+            self._head_fn(self.hf_model, hidden, context)
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        if not recorded:
+            raise RuntimeError(f"the head of {type(self.hf_model).__name__} did not call its classifier")
+        return recorded[0]
+
     def layer_logits(self, **inputs: Any) -> list[torch.Tensor]:
         """``[head(h_1), ..., head(h_L)]`` from one forward; the last equals the model's own logits."""
+        self._require_head("layer_logits()")
         return [self.head(s.hidden, s.context, layer=s.depth) for s in self.iter_states(**inputs) if s.depth > 0]
 
     # -- self-check ------------------------------------------------------------------------------------
@@ -763,7 +867,12 @@ class LayerView:
         """Check that ``head(h_L)`` equals the model's own logits (eval mode, no grad); return the max abs diff.
 
         Raises ``ValueError`` with the measured difference when it exceeds ``atol``. Module modes are restored.
+        For a head-less base model the check compares :meth:`output_hidden_states` with the model's own
+        ``output_hidden_states=True`` (every layer) and the final-normed last block with its
+        ``last_hidden_state``.
         """
+        if self._head_fn is None:
+            return self._self_check_base(inputs)
         with preserved_state(self.model), torch.no_grad():
             self.model.eval()
             inputs = dict(inputs) if inputs is not None else self.example_inputs()
@@ -784,5 +893,31 @@ class LayerView:
                 f"(max abs, tolerance {self.atol:g}). This transformers version or model variant is not handled by "
                 "the registered adapter; re-register the family with a matching head "
                 "(hf_align.register_family(..., overwrite=True))."
+            )
+        return diff
+
+    def _self_check_base(self, inputs: dict[str, Any] | None) -> float:
+        with preserved_state(self.model), torch.no_grad():
+            self.model.eval()
+            inputs = dict(inputs) if inputs is not None else self.example_inputs()
+            out = self.hf_model(**self._model_inputs(inputs), output_hidden_states=True, return_dict=True)
+            raw = self.hidden_states(**inputs)
+            last = self.final_norm(raw[-1])
+            ours = (*raw[:-1], last) if self.family.final_norm_in_hidden_states else raw
+        reference = list(out.hidden_states or ())
+        if len(reference) != len(ours):
+            raise ValueError(
+                f"layer-view self-check failed for {type(self.hf_model).__name__} (family {self.family.name!r}): "
+                f"the model returns {len(reference)} hidden states, the view {len(ours)}"
+            )
+        pairs = [*zip(ours, reference), (last, out.last_hidden_state)]
+        diff = max((a.double() - b.double()).abs().max().item() for a, b in pairs)
+        self.last_check_diff = diff
+        if not diff <= self.atol:
+            raise ValueError(
+                f"layer-view self-check failed for {type(self.hf_model).__name__} (family {self.family.name!r}): the "
+                f"view's hidden states differ from the model's own output_hidden_states / last_hidden_state by "
+                f"{diff:.3g} (max abs, tolerance {self.atol:g}). Re-register the family with the right block_paths / "
+                "final_norm (hf_align.register_family(..., overwrite=True))."
             )
         return diff

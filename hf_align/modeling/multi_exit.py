@@ -89,6 +89,14 @@ class MultiExitModel(PreTrainedModel):
         if any(module is head for head in getattr(self, "exit_heads", [])):
             self._init_exit_head(module)
 
+    def layer_classifier(self, layer: int) -> nn.Module | None:
+        """The final linear layer to use at block ``layer`` (1-based): ``exit_heads[layer - 1]`` for
+        ``layer < L``; ``None`` (the model's own classifier) at block L. :meth:`hf_align.LayerView.head` asks
+        every wrapper along the chain for this, so the layer view itself knows nothing of multi-exit models."""
+        if 1 <= layer <= len(self.exit_heads):
+            return self.exit_heads[layer - 1]
+        return None
+
     def get_base_model(self) -> PreTrainedModel:
         return self.backbone
 
