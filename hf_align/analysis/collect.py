@@ -3,28 +3,22 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
+from .data import collate, eval_mode, iter_batches, pad_token_id, rank_and_world, split_labels, to_device
 from .pooling import POOLINGS, pool
-from .similarity import SimilarityUndefinedError
-from .streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA, _dist
+from .similarity import SIMILARITY_METRICS, SimilarityUndefinedError, default_constant_rtol, similarity_metric
+from .streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA
 
-__all__ = ["LayerSimilarity", "UndefinedSimilarityWarning", "layer_similarity", "METRICS"]
+__all__ = ["LayerSimilarity", "UndefinedSimilarityWarning", "layer_similarity", "METRICS", "default_pooling"]
 
+# every name layer_similarity accepts -> the metric's one name (see analysis.similarity.SIMILARITY_METRICS)
 METRICS = {
-    "cosine": "cosine",
-    "cka": "linear_cka",
-    "linear_cka": "linear_cka",
-    "debiased_cka": "debiased_cka",
-    "debiased_linear_cka": "debiased_cka",
-    "minibatch_cka": "minibatch_cka",
+    alias: m.name for m in SIMILARITY_METRICS.values() if m.streamed for alias in (m.name, *m.aliases)
 }
-
-_PAD_KEYS = {"input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask"}
 
 
 class UndefinedSimilarityWarning(UserWarning):
@@ -76,110 +70,30 @@ class LayerSimilarity:
 
 # ---------------------------------------------------------------------------------------------- data
 
-
-def _is_batch(d: Mapping) -> bool:
-    v = d.get("input_ids", d.get("pixel_values"))
-    if isinstance(v, torch.Tensor):
-        return v.ndim == (4 if "input_ids" not in d else 2)
-    return False
-
-
-def _default_collate(examples: list[Mapping], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Stack a list of examples; pad token sequences on the right (input_ids with ``pad_token_id``, the rest
-    with 0) and build an ``attention_mask`` if padding was needed. Non-numeric columns (text) are dropped."""
-    keys = [k for k, v in examples[0].items() if not isinstance(v, (str, bytes)) and v is not None]
-    out: dict[str, torch.Tensor] = {}
-    for k in keys:
-        vals = []
-        for ex in examples:
-            v = ex[k]
-            if isinstance(v, (list, tuple)) and v and isinstance(v[0], (str, bytes)):
-                break
-            vals.append(torch.as_tensor(np.asarray(v)) if not isinstance(v, torch.Tensor) else v)
-        else:
-            shapes = {tuple(v.shape) for v in vals}
-            if len(shapes) == 1:
-                out[k] = torch.stack(vals)
-            elif k in _PAD_KEYS and all(v.ndim == 1 for v in vals):
-                T = max(v.shape[0] for v in vals)
-                fill = pad_token_id if k == "input_ids" else 0
-                out[k] = torch.stack([torch.cat([v, v.new_full((T - v.shape[0],), fill)]) for v in vals])
-                if k == "input_ids" and "attention_mask" not in examples[0]:
-                    out["attention_mask"] = torch.stack(
-                        [torch.cat([torch.ones(v.shape[0], dtype=torch.long), torch.zeros(T - v.shape[0], dtype=torch.long)]) for v in vals]
-                    )
-            else:
-                raise ValueError(f"cannot batch column {k!r}: examples have shapes {sorted(shapes)}; pass a collate_fn")
-    for k in ("label", "labels"):
-        out.pop(k, None)
-    return out
-
-
-def _batches(data, batch_size: int, collate_fn, pad_token_id: int, rank: int, world: int):
-    """Yield this process's batches: the global batch sequence dealt round-robin (batch i -> rank i % world),
-    so every process count sees the same batches. Returns (iterator, number of batches for this rank)."""
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
-
-    if isinstance(data, DataLoader):
-        if isinstance(data.sampler, DistributedSampler) or world == 1:
-            return iter(data), _len(data)
-        n = _len(data)
-        return (b for i, b in enumerate(data) if i % world == rank), (None if n is None else len(range(rank, n, world)))
-    if isinstance(data, Mapping):
-        data = [data]
-    if not isinstance(data, Sequence) and not hasattr(data, "__getitem__"):
-        raise TypeError(
-            f"data must be a datasets.Dataset, a torch DataLoader or a list of input dicts, got {type(data).__name__}"
-        )
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    n = len(data)
-    if n == 0:
-        raise ValueError("data is empty")
-    first = data[0]
-    if not isinstance(first, Mapping):
-        raise TypeError(f"data items must be dicts of model inputs, got {type(first).__name__}")
-    if _is_batch(first):  # a list of ready batches
-        return (data[i] for i in range(rank, n, world)), len(range(rank, n, world))
-    collate = collate_fn or (lambda ex: _default_collate(ex, pad_token_id))
-    starts = list(range(0, n, batch_size))[rank::world]
-
-    def gen():
-        for s in starts:
-            idx = list(range(s, min(s + batch_size, n)))
-            try:
-                examples = data[idx] if hasattr(data, "column_names") else [data[i] for i in idx]
-            except TypeError:
-                examples = [data[i] for i in idx]
-            if isinstance(examples, Mapping):  # datasets.Dataset returns a dict of columns
-                examples = [{k: examples[k][j] for k in examples} for j in range(len(idx))]
-            yield collate(examples)
-
-    return gen(), len(starts)
-
-
-def _len(x):
-    try:
-        return len(x)
-    except TypeError:
-        return None
-
-
-def _to_device(batch: Mapping, device) -> dict:
-    if not isinstance(batch, Mapping):
-        raise TypeError(f"each batch must be a dict of model inputs (input_ids=..., attention_mask=...), got {type(batch).__name__}")
-    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items() if k not in ("labels", "label")}
+# kept for code that imported the old private collate: the data layer's collate (labels are kept now)
+_default_collate = collate
 
 
 # ---------------------------------------------------------------------------------------------- main
+
+
+def default_pooling(view) -> str:
+    """The pooling of the model family's own classifier: ``"cls"`` (encoders, ViT) or ``"last"`` (decoders:
+    the last non-padding token); for per-token LM heads, the pooling of the family's sequence classifier."""
+    if view.pooling in ("cls", "last"):
+        return view.pooling
+    return next((p for p in view.family.pooling.values() if p in ("cls", "last")), "mean")
+
+
+def _less_precise(dtypes) -> torch.dtype:
+    return max(dtypes, key=lambda d: torch.finfo(d).eps if d.is_floating_point else 0.0)
 
 
 def layer_similarity(
     model,
     data,
     metric: str = "cka",
-    pooling: str = "cls",
+    pooling: str | None = None,
     batch_size: int = 32,
     model_b=None,
     *,
@@ -192,23 +106,34 @@ def layer_similarity(
     """Similarity between every pair of layers of ``model`` (or layers of ``model`` vs layers of ``model_b``)
     over ``data``, streamed: one forward per batch under ``torch.no_grad``, memory independent of the data size.
 
+    Layer l's features are the model's hidden states as its own ``output_hidden_states=True`` returns them
+    (:meth:`hf_align.LayerView.output_hidden_states`; 0 = embedding output), pooled, then accumulated in
+    float64 whatever the model's dtype.
+
     Args:
-        model: any model :class:`hf_align.LayerView` supports (it is wrapped, not copied; eval mode while
-            running, restored after).
-        data: a ``datasets.Dataset`` or a list of example dicts (batched by ``batch_size``, padded on the right
-            by the default collate, or by ``collate_fn``), a list of ready batch dicts, or a ``DataLoader``
-            yielding dicts of model inputs.
-        metric: ``"cka"`` (= ``"linear_cka"``, exact), ``"debiased_cka"`` (exact, U-centred HSIC),
-            ``"cosine"`` (the paper's sample-wise cosine; ``center=True`` subtracts the dataset mean of each
-            layer, which needs a second pass over the data), ``"minibatch_cka"`` (Nguyen et al.; each batch
-            is one minibatch, so every batch needs >= 4 samples).
+        model: any model :class:`hf_align.LayerView` supports, head-less base models (``AutoModel``) and PEFT /
+            sentence-transformers wrappers included (it is wrapped, not copied; eval mode while running,
+            every module's mode restored after).
+        data: anything :func:`hf_align.analysis.data.iter_batches` takes: a ``datasets.Dataset`` or a list of
+            example dicts (batched by ``batch_size``, token columns padded on the right, or by ``collate_fn``), a
+            list of ready batch dicts, a ``DataLoader`` or an iterable of batch dicts. Labels are ignored.
+        metric: a name of :data:`hf_align.analysis.similarity.SIMILARITY_METRICS` (one name per metric, also
+            used by the functions and the ``evaluate`` module): ``"linear_cka"`` (alias ``"cka"``, exact),
+            ``"debiased_linear_cka"`` (alias ``"debiased_cka"``, exact, U-centred HSIC), ``"cosine"`` (the
+            paper's sample-wise cosine; ``center=True`` subtracts the dataset mean of each layer, which needs a
+            second pass over the data), ``"minibatch_cka"`` (Nguyen et al.; each batch is one minibatch, so every
+            batch needs >= 4 samples).
         pooling: ``"cls"``, ``"mean"`` (mask-aware), ``"last"`` (last non-padding token) or ``"tokens"``
-            (every non-padding token is a sample).
+            (every non-padding token is a sample). Default: the model family's own pooling (``"cls"`` for
+            encoders and ViT, ``"last"`` for decoders), see :func:`default_pooling`.
         model_b: a second model run on the same batches; the matrix is then (L_A+1) x (L_B+1).
         on_undefined: ``"warn"`` (default): layers whose similarity is undefined (constant features, e.g.
             BERT's embedding output at CLS) get NaN entries, ``undefined`` True and a
             :class:`UndefinedSimilarityWarning` naming them; ``"raise"``: raise
             :class:`~hf_align.analysis.similarity.SimilarityUndefinedError` instead.
+        constant_rtol: a layer is constant when its centred features satisfy ``||X~||_F <= constant_rtol
+            ||X||_F``; default ``default_constant_rtol(model dtype)``, i.e. relative to the resolution of the
+            dtype the model computes in (see :func:`hf_align.analysis.similarity.default_constant_rtol`).
 
     Multi-process: when ``torch.distributed`` is initialised (``torchrun``, or ``accelerate launch`` after
     ``Accelerator()``), batch i runs on rank ``i % world_size`` and the float64 sums are all-reduced, so
@@ -217,10 +142,14 @@ def layer_similarity(
     from ..layers import LayerView
 
     if metric not in METRICS:
-        hint = " (RBF CKA needs all n^2 sample pairs: use hf_align.analysis.rbf_cka on features)" if "rbf" in str(metric) else ""
-        raise ValueError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}{hint}")
+        try:
+            known = similarity_metric(metric)
+        except ValueError:
+            known = None
+        hint = f" ({known.name} needs all n^2 sample pairs: use hf_align.analysis.{known.name} on features)" if known else ""
+        raise ValueError(f"unknown metric {metric!r} for layer_similarity; expected one of {sorted(METRICS)}{hint}")
     metric = METRICS[metric]
-    if pooling not in POOLINGS:
+    if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
     if on_undefined not in ("warn", "raise"):
         raise ValueError(f"on_undefined must be 'warn' or 'raise', got {on_undefined!r}")
@@ -228,44 +157,38 @@ def layer_similarity(
         raise ValueError("center=True applies to metric='cosine' (CKA always centres)")
 
     views = [LayerView(model)] + ([LayerView(model_b)] if model_b is not None else [])
+    poolings = [pooling or default_pooling(v) for v in views]
+    pooling_name = poolings[0] if len(set(poolings)) == 1 else f"A:{poolings[0]}, B:{poolings[1]}"
     ka = views[0].num_layers + 1
-    dist = _dist()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist else (0, 1)
-    cfg = getattr(views[0].hf_model, "config", None)
-    pad_id = getattr(cfg, "pad_token_id", None)
-    pad_id = 0 if pad_id is None else int(pad_id)
+    rank, _ = rank_and_world()
     device = views[0].device
+    dtype = _less_precise([v.dtype for v in views])
+    rtol = default_constant_rtol(dtype) if constant_rtol is None else float(constant_rtol)
 
     def run_pass(acc, desc):
         from tqdm.auto import tqdm
 
-        it, total = _batches(data, batch_size, collate_fn, pad_id, rank, world)
+        it, total = iter_batches(data, batch_size, collate_fn=collate_fn, pad_token_id=pad_token_id(views[0].hf_model))
         for batch in tqdm(it, total=total, desc=desc, disable=not progress or rank != 0):
-            batch = _to_device(batch, device)
-            mask = batch.get("attention_mask")
+            inputs, _ = split_labels(batch)
+            inputs = to_device(inputs, device)
+            mask = inputs.get("attention_mask")
             blocks = []
-            for view in views:
-                hs = view.hidden_states(**batch)
-                blocks.extend(pool(h, mask, pooling) for h in hs)
+            for view, how in zip(views, poolings):
+                # float64 before pooling: means over tokens of half-precision states are exact sums too
+                blocks.extend(pool(h.to(torch.float64), mask, how) for h in view.output_hidden_states(**inputs))
             acc.update(blocks)
         return acc.reduce()
 
-    modes = [(v.model, v.model.training) for v in views]
-    try:
-        for m, _ in modes:
-            m.eval()
-        with torch.no_grad():
-            if metric in ("linear_cka", "debiased_cka"):
-                acc = run_pass(StreamingCKA(constant_rtol=constant_rtol, device="cpu"), f"layer {metric}")
-                res = acc.linear_cka() if metric == "linear_cka" else acc.debiased_cka()
-            elif metric == "minibatch_cka":
-                res = run_pass(StreamingMinibatchCKA(constant_rtol=constant_rtol), "layer minibatch_cka").minibatch_cka()
-            else:
-                means = run_pass(StreamingMean(), "layer means (pass 1/2)").means() if center else None
-                res = run_pass(StreamingCosine(center=means, constant_rtol=constant_rtol), "layer cosine").cosine()
-    finally:
-        for m, training in modes:
-            m.train(training)
+    with eval_mode(*(v.model for v in views)), torch.no_grad():
+        if metric in ("linear_cka", "debiased_linear_cka"):
+            acc = run_pass(StreamingCKA(constant_rtol=rtol, device="cpu"), f"layer {metric}")
+            res = acc.linear_cka() if metric == "linear_cka" else acc.debiased_cka()
+        elif metric == "minibatch_cka":
+            res = run_pass(StreamingMinibatchCKA(constant_rtol=rtol), "layer minibatch_cka").minibatch_cka()
+        else:
+            means = run_pass(StreamingMean(), "layer means (pass 1/2)").means() if center else None
+            res = run_pass(StreamingCosine(center=means, constant_rtol=rtol), "layer cosine").cosine()
 
     K = res.values.shape[0]
     names = [f"layer {k}" for k in range(ka)] if model_b is None else [f"A:layer {k}" for k in range(ka)] + [f"B:layer {k}" for k in range(K - ka)]
@@ -277,10 +200,16 @@ def layer_similarity(
         layers_b = list(range(K - ka))
     bad = [names[i] for i in res.undefined_blocks]
     if bad:
-        why = "zero-norm samples" if metric == "cosine" else "constant (zero-variance) features"
+        if metric == "cosine" and not center:
+            why = "zero-norm samples"
+        else:
+            why = (
+                f"constant features: their centred part is within the resolution of {str(dtype).replace('torch.', '')} "
+                f"(||X - mean||_F <= {rtol:.3g} ||X||_F)"
+            )
         msg = (
             f"{metric} is undefined for {', '.join(bad)}: {why} across the {res.n} samples "
-            f"({pooling} pooling). Those rows/columns are NaN in .matrix and True in .undefined."
+            f"({pooling_name} pooling). Those rows/columns are NaN in .matrix and True in .undefined."
         )
         if on_undefined == "raise":
             raise SimilarityUndefinedError(msg)
@@ -288,7 +217,7 @@ def layer_similarity(
     return LayerSimilarity(
         matrix=np.array(vals, dtype=np.float64),
         metric=metric,
-        pooling=pooling,
+        pooling=pooling_name,
         layers=list(range(ka)),
         layers_b=layers_b,
         undefined=np.array(und, dtype=bool),

@@ -14,14 +14,16 @@ Conventions shared by all functions
 * A similarity that is mathematically undefined -- CKA of a feature matrix whose columns are all constant
   (zero variance, e.g. BERT's embedding output at the CLS position), the cosine of an all-zero sample --
   raises :class:`SimilarityUndefinedError` (a ``ValueError``). A matrix counts as constant when
-  ``||X~||_F <= constant_rtol * ||X||_F`` with ``constant_rtol = 32 * eps(input dtype)`` by default
-  (float32: 3.8e-6, float64: 7.1e-15): below that the "variance" is rounding noise of the input format.
+  ``||X~||_F <= constant_rtol * ||X||_F`` with ``constant_rtol = default_constant_rtol(input dtype)``
+  (float32: 3.8e-6, float64: 7.1e-15, float16: 2.0e-3, bfloat16: 1.6e-2): below that the "variance" is
+  rounding noise of the input format.
   No function ever returns NaN, 0 or 1 in place of an undefined value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,6 +38,9 @@ __all__ = [
     "minibatch_cka",
     "rank_correlation",
     "default_constant_rtol",
+    "SIMILARITY_METRICS",
+    "SimilarityMetric",
+    "similarity_metric",
 ]
 
 
@@ -44,11 +49,21 @@ class SimilarityUndefinedError(ValueError):
 
 
 def default_constant_rtol(dtype: torch.dtype) -> float:
-    """``32 * eps(dtype)`` for floating dtypes (float64 for anything else): the relative size below which
-    the centred part of a feature matrix is rounding noise of its input format."""
+    """The relative size ``||X~||_F / ||X||_F`` below which the centred part of a feature matrix computed in
+    ``dtype`` is rounding noise of that format (float64 for non-floating dtypes):
+
+    * ``32 * eps`` for float32 / float64 (float32: 3.8e-6): the model computes in its storage precision, so
+      the same constant feature recomputed in batches of other shapes (other reduction orders) can differ by
+      several units in the last place;
+    * ``2 * eps`` for 16-bit formats (float16: 2.0e-3, bfloat16: 1.6e-2): half-precision kernels accumulate
+      in float32 and round once to the 16-bit format, so a constant feature differs by at most about one unit
+      in the last place, and anything larger is real variation the format resolves. (``32 * eps`` would call
+      a bfloat16 layer whose spread is 25% of its magnitude constant.)
+    """
     if not dtype.is_floating_point:
         dtype = torch.float64
-    return 32.0 * torch.finfo(dtype).eps
+    eps = torch.finfo(dtype).eps
+    return (2.0 if torch.finfo(dtype).bits <= 16 else 32.0) * eps
 
 
 def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
@@ -347,3 +362,48 @@ def _check_sequence(blocks, name: str) -> Sequence:
     if isinstance(blocks, (torch.Tensor, np.ndarray)) or not isinstance(blocks, Sequence) or len(blocks) == 0:
         raise TypeError(f"{name}: expected a non-empty list of feature matrices, got {type(blocks).__name__}")
     return blocks
+
+
+# ---------------------------------------------------------------------------------------------- the metric table
+
+
+@dataclass(frozen=True)
+class SimilarityMetric:
+    """One similarity metric under one name everywhere: the function on two feature matrices, the
+    ``layer_similarity(metric=...)`` value and the ``evaluate`` configuration of ``hf_align/metrics/cka``.
+
+    ``streamed``: whether :func:`hf_align.layer_similarity` computes it exactly in one streamed pass
+    (RBF CKA needs all n^2 sample pairs, so it is for feature matrices only). ``aliases``: older / short
+    names that keep working."""
+
+    name: str
+    function: Callable
+    streamed: bool
+    aliases: tuple[str, ...]
+    summary: str
+
+
+SIMILARITY_METRICS: dict[str, SimilarityMetric] = {
+    m.name: m
+    for m in (
+        SimilarityMetric("cosine", cosine, True, (), "sample-wise cosine (1/n) sum_i <x_i, y_i>/(||x_i|| ||y_i||)"),
+        SimilarityMetric("linear_cka", linear_cka, True, ("cka", "linear"), "linear CKA ||Y~^T X~||_F^2/(||X~^T X~||_F ||Y~^T Y~||_F)"),
+        SimilarityMetric("debiased_linear_cka", debiased_linear_cka, True, ("debiased_cka", "debiased"),
+                         "linear CKA with the unbiased HSIC_1 estimator (U-centred Grams)"),
+        SimilarityMetric("minibatch_cka", minibatch_cka, True, ("minibatch",), "mean HSIC_1 over minibatches (Nguyen et al.)"),
+        SimilarityMetric("rbf_cka", rbf_cka, False, ("rbf",), "RBF-kernel CKA, bandwidth sigma * median distance"),
+    )
+}
+
+
+def similarity_metric(name: str) -> SimilarityMetric:
+    """The :class:`SimilarityMetric` called ``name`` (its canonical name or an alias), or a ValueError listing
+    the names."""
+    if isinstance(name, str):
+        if name in SIMILARITY_METRICS:
+            return SIMILARITY_METRICS[name]
+        for metric in SIMILARITY_METRICS.values():
+            if name in metric.aliases:
+                return metric
+    names = ", ".join(f"{m.name!r}" + (f" (or {', '.join(map(repr, m.aliases))})" if m.aliases else "") for m in SIMILARITY_METRICS.values())
+    raise ValueError(f"unknown similarity metric {name!r}; expected one of {names}")
