@@ -50,7 +50,7 @@ from .nc import (
     tammes,
 )
 from .plots import plot_collapse_progression
-from .report import CollapseReport, collapse_report
+from .report import FEATURES, CollapseReport, UndefinedCollapseWarning, collapse_report
 from .statistics import ClassStatistics
 
 __all__ = [
@@ -72,5 +72,7 @@ __all__ = [
     "collapse_metrics",
     "CollapseReport",
     "collapse_report",
+    "UndefinedCollapseWarning",
+    "FEATURES",
     "plot_collapse_progression",
 ]
