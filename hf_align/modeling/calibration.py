@@ -18,35 +18,46 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..analysis.data import (
+    LABEL_KEYS,
+    check_dataset_labels,
+    check_labels,
+    eval_mode,
+    iter_batches,
+    pad_token_id,
+    split_labels,
+    to_device,
+)
 from .early_exit import EarlyExitConfig, EarlyExitModel, _exit_mask
 
 __all__ = ["ExitCurve", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
 
 
-def _batches(data, batch_size: int, collate_fn):
-    from torch.utils.data import DataLoader
-
-    if isinstance(data, DataLoader):
-        return data
-    if collate_fn is None:
-        from transformers import default_data_collator as collate_fn
-    return DataLoader(data, batch_size=batch_size, shuffle=False, collate_fn=collate_fn)
+def _batches(model: EarlyExitModel, data, batch_size: int, collate_fn):
+    """The data layer's batches (padding collate, every process sees all the data: calibration is not sharded)."""
+    it, _ = iter_batches(data, batch_size, collate_fn=collate_fn, pad_token_id=pad_token_id(model.view.hf_model),
+                         shard=False)
+    return it
 
 
 @torch.no_grad()
 def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, collate_fn=None, progress: bool = True):
-    """Every block's logits and the labels over a labelled dataset: ``(N, L, C)`` float32 and ``(N,)``."""
+    """Every block's logits and the labels over a labelled dataset: ``(N, L, C)`` float32 and ``(N,)``.
+
+    Labels must be class ids in [0, num_labels) (checked before any forward); the model runs in eval mode and
+    gets its own train/eval flags back afterwards."""
+    num_labels = int(model.config.num_labels)
+    check_dataset_labels(data, num_labels, name="calibration data")
     all_logits, all_labels = [], []
-    for batch in tqdm(_batches(data, batch_size, collate_fn), desc="layer logits", disable=not progress):
-        batch = dict(batch)
-        labels = batch.pop("labels", None)
-        if labels is None:
-            labels = batch.pop("label", None)
-        if labels is None:
-            raise ValueError(f"the calibration data needs labels ('labels' or 'label'); got {sorted(batch)}")
-        per_layer = model.view.layer_logits(**batch)
-        all_logits.append(torch.stack(per_layer, dim=1).float().cpu())
-        all_labels.append(torch.as_tensor(labels).cpu())
+    with eval_mode(model.model):
+        for batch in tqdm(_batches(model, data, batch_size, collate_fn), desc="layer logits", disable=not progress):
+            inputs, labels = split_labels(batch)
+            if labels is None:
+                raise ValueError(f"the calibration data needs labels (one of {LABEL_KEYS}); got {sorted(batch)}")
+            check_labels(labels, num_labels, what="calibration labels")
+            per_layer = model.view.layer_logits(**to_device(inputs, model.view.device))
+            all_logits.append(torch.stack(per_layer, dim=1).float().cpu())
+            all_labels.append(torch.as_tensor(labels).cpu())
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
@@ -170,10 +181,10 @@ def _latency_ms(model: EarlyExitModel, data, settings, samples: int, batch_size:
     model.settings = settings
     try:
         times = []
-        for i, batch in enumerate(_batches(data, batch_size, collate_fn)):
+        for i, batch in enumerate(_batches(model, data, batch_size, collate_fn)):
             if i * batch_size >= samples:
                 break
-            batch = {k: v for k, v in dict(batch).items() if k not in ("labels", "label")}
+            batch, _ = split_labels(batch)
             start = time.perf_counter()
             model(**batch)
             times.append((time.perf_counter() - start) * 1e3 / batch_size)

@@ -16,11 +16,15 @@ Exit policies (``p_l = softmax(logits_l)``):
 
 never before ``min_layer``, always at block L. The settings live in ``config.early_exit`` (a plain dict), so
 ``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+
+The forward always runs in eval mode (dropout off), also when the wrapped model was left in ``train()``
+mode; every module's own train/eval flag is restored afterwards.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -28,6 +32,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..analysis.data import eval_mode
 from ..layers import LayerView
 
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
@@ -48,6 +53,8 @@ class EarlyExitConfig:
     def validate(self, num_layers: int) -> EarlyExitConfig:
         if self.policy not in POLICIES:
             raise ValueError(f"unknown exit policy {self.policy!r}; expected one of {POLICIES}")
+        if self.threshold is not None and (isinstance(self.threshold, bool) or not isinstance(self.threshold, numbers.Real)):
+            raise TypeError(f"threshold must be a number (e.g. 0.9), got {type(self.threshold).__name__} {self.threshold!r}")
         if self.policy == "confidence":
             if self.threshold is None or not (0 < float(self.threshold) <= 1):
                 raise ValueError(f"confidence threshold must be in (0, 1], got {self.threshold!r}")
@@ -166,7 +173,12 @@ class EarlyExitModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, output_layer_logits: bool = False, **inputs: Any) -> EarlyExitOutput:
-        """Run blocks until every sample has exited; rows that exit leave the batch."""
+        """Run blocks until every sample has exited; rows that exit leave the batch. Eval mode while running
+        (the model's own train/eval flags are restored after)."""
+        with eval_mode(self.model):
+            return self._forward(output_layer_logits, **inputs)
+
+    def _forward(self, output_layer_logits: bool, **inputs: Any) -> EarlyExitOutput:
         view, settings, L = self.view, self.settings, self.num_layers
         state = view.prepare(**inputs)
         batch = state.batch_size

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
+from ..analysis.data import LABEL_KEYS as _LABEL_KEYS
+from ..analysis.data import check_labels, dataset_labels
 from ..layers import HeadContext, LayerView
 from .aligned_config import AlignedTrainingArguments, layer_weights
-
-_LABEL_KEYS = ("labels", "label", "label_ids")
 
 
 def minimal_depth(accuracies: list[float], tolerance: float) -> int:
@@ -57,6 +57,7 @@ class AlignedTrainer(Trainer):
         if not isinstance(args, AlignedTrainingArguments):
             raise TypeError(f"args must be AlignedTrainingArguments, got {type(args).__name__}")
         self.layer_view = LayerView(model)  # unsupported / mismatching models fail here, before anything runs
+        self._check_batch_labels = False  # set when a dataset's labels cannot be read up front
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
         bound = inspect.signature(Trainer.__init__).bind(self, model, args, *pargs, **kwargs).arguments
@@ -79,8 +80,12 @@ class AlignedTrainer(Trainer):
         try:
             sample = dataset[0]
         except Exception:  # iterable datasets: checked at the first batch instead
+            self._check_batch_labels = True  # and their label range on every batch, before its step
             return
-        if not isinstance(sample, Mapping) or any(k in sample for k in _LABEL_KEYS):
+        if not isinstance(sample, Mapping):
+            return
+        if any(k in sample for k in _LABEL_KEYS):
+            self._check_label_range(dataset, name)
             return
         if self.layer_view.task == "causal-lm" and data_collator is not None:
             try:
@@ -95,6 +100,26 @@ class AlignedTrainer(Trainer):
             + (" (for causal LM, use a collator that makes them, e.g. DataCollatorForLanguageModeling(mlm=False))."
                if self.layer_view.task == "causal-lm" else ".")
         )
+
+    def _single_label_classes(self) -> int | None:
+        """num_labels when the labels are class ids (single-label classification), else None."""
+        config = self.layer_view.hf_model.config
+        if self.layer_view.task == "causal-lm" or config.num_labels < 2:
+            return None
+        if config.problem_type not in (None, "single_label_classification"):
+            return None
+        return int(config.num_labels)
+
+    def _check_label_range(self, dataset, name: str) -> None:
+        """Class labels outside [0, num_labels) fail here, before any training step (the data layer's check)."""
+        classes = self._single_label_classes()
+        if classes is None:
+            return
+        labels = dataset_labels(dataset)
+        if labels is None:
+            self._check_batch_labels = True  # not readable up front: checked per batch, before its step
+            return
+        check_labels(labels, classes, what=f"{name} labels")
 
     # -- the loss --------------------------------------------------------------------------------------
 
@@ -187,6 +212,8 @@ class AlignedTrainer(Trainer):
         labels = next((inputs[k] for k in _LABEL_KEYS if k in inputs), None)
         if labels is None:
             raise ValueError(f"the batch has no labels (got keys {sorted(inputs)}); AlignedTrainer needs 'labels'")
+        if self._check_batch_labels and not labels.is_floating_point() and self._single_label_classes():
+            check_labels(labels, self._single_label_classes())
         num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         outputs, hidden, context = self._forward_layers(model, inputs)
         losses = self.layer_losses(hidden, outputs.logits, context, labels, num_items)
