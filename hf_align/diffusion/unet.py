@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers import UNet2DModel
 
-__all__ = ["sr_unet", "unet_size_multiple"]
+__all__ = ["sr_unet"]
 
 
 def sr_unet(
@@ -20,7 +20,7 @@ def sr_unet(
 
     The condition (bicubic up-sample of the low-resolution image) is concatenated to the noisy sample, so
     ``in_channels = 2 * image_channels`` and ``out_channels = image_channels``. Inputs must have spatial
-    sizes divisible by ``2 ** (len(block_out_channels) - 1)`` (see :func:`unet_size_multiple`).
+    sizes divisible by ``2 ** (len(block_out_channels) - 1)`` (see ``SuperResolutionPipeline.size_multiple``).
     """
     if image_channels < 1:
         raise ValueError(f"image_channels must be >= 1, got {image_channels}")
@@ -47,9 +47,3 @@ def sr_unet(
         attention_head_dim=8,
         add_attention=attention,
     )
-
-
-def unet_size_multiple(unet) -> int:
-    """The spatial size multiple a diffusers ``UNet2DModel`` needs: ``2 ** (number of down-samplings)``."""
-    n_down = sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
-    return 2**n_down

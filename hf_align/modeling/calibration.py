@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -104,7 +104,6 @@ class ExitCurve:
     full_accuracy: float
     latency_ms: list[float] | None = None
     chosen: Any = None
-    extra: dict = field(default_factory=dict)
 
     def to_markdown(self) -> str:
         key = {"confidence": "threshold", "entropy": "entropy threshold", "patience": "patience", "fixed": "exit layer"}[self.policy]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from typing import Any
@@ -343,11 +342,3 @@ class DREAMTrainer(Trainer):
         if checkpoint is None or not os.path.isfile(os.path.join(checkpoint, "rng_state.pth")):
             return
         super()._load_rng_state(checkpoint)
-
-    @property
-    def detail_preservation(self) -> float:
-        return float(self.args.dream_detail_preservation)
-
-    @property
-    def is_standard(self) -> bool:
-        return math.isinf(self.detail_preservation)

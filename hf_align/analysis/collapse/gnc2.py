@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -41,7 +41,6 @@ class GNC2Result:
     weights: list[np.ndarray]
     rounds: int = 0
     solves: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
 
     @property
     def gap(self) -> np.ndarray:
@@ -218,7 +217,6 @@ def gnc2(
         weights=weights,
         rounds=rounds,
         solves=solves,
-        stats={"precision": np.dtype(dt).name, "candidates": m0, "add_violators": nv},
     )
 
 

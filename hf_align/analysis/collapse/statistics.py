@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._checks import _check_classes, _labels, _matrix, _to_numpy
+from ._checks import _check_classes, _labels, _matrix
 
 __all__ = ["ClassStatistics"]
 
@@ -186,13 +186,3 @@ class ClassStatistics:
 
     def __repr__(self) -> str:
         return f"ClassStatistics(num_classes={self.num_classes}, dim={self.dim}, num_samples={self.num_samples})"
-
-
-def _statistics_from(features: Any, labels: Any, num_classes: int | None) -> ClassStatistics:
-    X = _matrix(features, "features")
-    y_raw = _to_numpy(labels, "labels")
-    if num_classes is None:
-        if y_raw.size == 0:
-            raise ValueError("labels is empty")
-        num_classes = int(np.max(y_raw)) + 1
-    return ClassStatistics(num_classes, X.shape[1]).update(X, y_raw)
