@@ -8,28 +8,14 @@ from dataclasses import dataclass
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..diffusion.images import bicubic_downsample, bicubic_upsample
+
 __all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample"]
-
-
-def bicubic_upsample(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
-    """Bicubic up-sampling of ``(B, C, h, w)`` to ``(B, C, s*h, s*w)`` (``align_corners=False``), clamped to [-1, 1]."""
-    return F.interpolate(x, scale_factor=scale_factor, mode="bicubic", align_corners=False).clamp(-1.0, 1.0)
-
-
-def bicubic_downsample(x: torch.Tensor, scale_factor: int) -> torch.Tensor:
-    """Anti-aliased bicubic down-sampling (as PIL/MATLAB ``imresize``) of ``(B, C, H, W)`` by ``scale_factor``."""
-    h, w = x.shape[-2:]
-    if h % scale_factor or w % scale_factor:
-        raise ValueError(f"image size {h}x{w} is not divisible by the scale factor {scale_factor}")
-    return F.interpolate(
-        x, size=(h // scale_factor, w // scale_factor), mode="bicubic", align_corners=False, antialias=True
-    ).clamp(-1.0, 1.0)
 
 
 @dataclass

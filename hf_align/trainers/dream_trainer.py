@@ -30,7 +30,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from transformers import Trainer, TrainerCallback
 
 from hf_align.diffusion.dream import dream_rectify
-from hf_align.pipelines.super_resolution import SuperResolutionPipeline, bicubic_downsample, bicubic_upsample
+from hf_align.diffusion.images import _image_to_chw, bicubic_downsample, bicubic_upsample
+from hf_align.pipelines.super_resolution import SuperResolutionPipeline
 
 from .dream_config import DREAMTrainingArguments
 
@@ -39,33 +40,6 @@ __all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics"]
 _EMA_STATE = "ema_state.json"
 _TRAIN_UNET = "unet_train"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _image_to_chw(img: Any, channels: int) -> torch.Tensor:
-    """PIL image / HWC array (uint8 or float in [0, 1]) / nested list -> float32 ``(C, H, W)`` in [0, 1]."""
-    if isinstance(img, PIL.Image.Image):
-        img = np.asarray(img.convert("RGB" if channels == 3 else "L"))
-    elif isinstance(img, torch.Tensor):
-        img = img.numpy()
-    arr = np.asarray(img)
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3:
-        raise ValueError(f"images must be (H, W) or (H, W, C), got shape {arr.shape}")
-    if arr.shape[-1] != channels:
-        if channels == 3 and arr.shape[-1] == 1:
-            arr = np.repeat(arr, 3, axis=-1)
-        elif channels == 3 and arr.shape[-1] == 4:
-            arr = arr[..., :3]
-        else:
-            raise ValueError(f"expected {channels}-channel images (H, W, {channels}), got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / 255.0
-    else:
-        arr = arr.astype(np.float32)
-        if arr.min() < 0 or arr.max() > 1:
-            raise ValueError(f"float images must be in [0, 1], got [{arr.min():.3g}, {arr.max():.3g}]")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
 
 
 class SRPairCollator:
