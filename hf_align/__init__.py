@@ -6,10 +6,9 @@ The analysis, neural-collapse and diffusion APIs are imported on first use (they
 
 from __future__ import annotations
 
-import importlib
-
 __version__ = "0.1.0"
 
+from ._lazy import lazy_exports  # noqa: E402
 from .layers import LayerView, register_family, supported_families  # noqa: E402
 from .modeling import (  # noqa: E402
     EarlyExitModel,
@@ -43,17 +42,7 @@ _LAZY = {
     "DREAMTrainingArguments": ".trainers.dream_config",
 }
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = [

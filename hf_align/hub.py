@@ -51,12 +51,10 @@ def layer_table(metrics: dict[str, float], num_layers: int, prefix: str = "eval"
 
 def plot_layer_accuracy(curves: dict[str, list[float]], path: str | os.PathLike, title: str = "Accuracy through the shared head"):
     """Line plot of layer-wise accuracy (one curve per model/recipe); saves a PNG and returns its path."""
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: the user's global backend is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.subplots()
     for name, accuracies in curves.items():
         ax.plot(range(1, len(accuracies) + 1), [100 * a for a in accuracies], marker="o", label=name)
     ax.set_xlabel("block l")
@@ -66,7 +64,6 @@ def plot_layer_accuracy(curves: dict[str, list[float]], path: str | os.PathLike,
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return os.fspath(path)
 
 

@@ -118,12 +118,10 @@ class ExitCurve:
         return "\n".join(lines)
 
     def plot(self, path):
-        import matplotlib
+        from matplotlib.figure import Figure  # no pyplot: the user's global backend is left alone
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(5.2, 3.4), dpi=120)
+        fig = Figure(figsize=(5.2, 3.4), dpi=120)
+        ax = fig.subplots()
         ax.plot(self.mean_exit_layer, [100 * a for a in self.accuracy], marker="o", label=f"{self.policy} exit")
         ax.axhline(100 * self.full_accuracy, color="gray", ls="--", label="full depth")
         if self.chosen is not None and self.chosen in self.values:
@@ -138,7 +136,6 @@ class ExitCurve:
             top.set_xlabel("(latency per threshold in the table)")
         fig.tight_layout()
         fig.savefig(path)
-        plt.close(fig)
         return path
 
 

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
+from .._lazy import lazy_exports
 from .aligned_config import AlignedTrainingArguments, layer_weights
 from .aligned_trainer import AlignedTrainer
 
 _LAZY = {"DREAMTrainer": ".dream_trainer", "DREAMTrainingArguments": ".dream_config"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
 
 
 __all__ = ["AlignedTrainer", "AlignedTrainingArguments", "DREAMTrainer", "DREAMTrainingArguments", "layer_weights"]

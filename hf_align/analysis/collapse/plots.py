@@ -12,17 +12,15 @@ def plot_collapse_progression(
     path: str | None = None,
     keys: Sequence[str] = ("nc1", "nc2_means_etf_distance", "nc2_means_equinorm", "nc3_zhu", "gnc3", "nc4"),
 ):
-    """One panel per metric against depth (log scale for NC1); saved to ``path`` if given (matplotlib, Agg).
-    Returns the figure."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One panel per metric against depth (log scale for NC1); saved to ``path`` if given. Returns the
+    matplotlib ``Figure`` (made without pyplot: no global backend change). Undefined layers are NaN: gaps."""
+    from matplotlib.figure import Figure
 
     keys = [k for k in keys if any(k in m for m in report.per_layer)]
     if not keys:
         raise ValueError("the report has none of the requested metrics")
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.0), squeeze=False)
+    fig = Figure(figsize=(3.2 * len(keys), 3.0))
+    axes = fig.subplots(1, len(keys), squeeze=False)
     for ax, key in zip(axes[0], keys):
         ax.plot(report.layers, report.series(key), marker="o")
         ax.set_title(key)
