@@ -637,7 +637,8 @@ class LayerView:
         except (KeyError, AttributeError, ValueError):
             pass
         if self.last_check_diff is not None:
-            lines.append(f"  self-check: max |head(h_L) - model logits| = {self.last_check_diff:.2e} (atol {self.atol:g})")
+            what = "head(h_L) - model logits" if self.has_head else "view hidden states - model hidden states"
+            lines.append(f"  self-check: max |{what}| = {self.last_check_diff:.2e} (atol {self.atol:g})")
         return "\n".join(lines)
 
     # -- inputs ----------------------------------------------------------------------------------------

@@ -186,3 +186,13 @@ def test_sentence_transformers_wrapper(tmp_path):
     expected = np.array([[ref_linear_cka(a, b) if np.ptp(a) > 0 and np.ptp(b) > 0 else np.nan for b in ref] for a in ref])
     np.testing.assert_allclose(sim.matrix[defined], expected[defined], atol=1e-6)
     assert sim.undefined_layers == ["layer 0"]  # [CLS] at the embedding output is the same vector for all
+
+
+def test_cli_layers_describes_a_saved_base_model(tmp_path, capsys):
+    from hf_align.cli import main
+
+    base_model("gpt2").save_pretrained(tmp_path / "gpt2")
+    assert main(["layers", str(tmp_path / "gpt2")]) == 0
+    out = capsys.readouterr().out
+    assert "GPT2Model" in out and "task='feature-extraction'" in out and "pooling='last'" in out
+    assert "view hidden states - model hidden states" in out
