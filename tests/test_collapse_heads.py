@@ -159,3 +159,53 @@ def test_bad_arguments_fail_before_any_work():
     bad[-1]["label"] = 7
     with pytest.raises(ValueError, match=r"must lie in \[0, 2\].*got 7"):
         collapse_report(model, bad)
+
+
+_DIST_SCRIPT = """
+import json, sys, warnings
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+from test_collapse_heads import make_data
+from tiny_models import tiny_model
+from hf_align import collapse_report
+model = tiny_model("bert", "BertForSequenceClassification")
+data, _, _ = make_data("bert")
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    rep = collapse_report(model, data, batch_size=5)
+if dist.get_rank() == 0:
+    json.dump({{"per_layer": rep.per_layer, "n": rep.num_samples, "undefined": rep.undefined_layers}}, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(tmp_path):
+    """Batches dealt round-robin over 2 gloo processes, statistics and NC4 counts summed: the 1-process report."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = tmp_path / "run.py"
+    script.write_text(_DIST_SCRIPT.format(root=root, tests=os.path.join(root, "tests")))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", str(script),
+           str(tmp_path / "out.json")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "out.json").read_text())
+    data, _, _ = make_data("bert")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        one = collapse_report(tiny_model("bert", "BertForSequenceClassification"), data, batch_size=5)
+    assert two["n"] == one.num_samples == N and two["undefined"] == one.undefined_layers == [0]
+    for a, b in zip(two["per_layer"], one.per_layer):
+        for key, value in b.items():
+            if np.isnan(value):
+                assert a[key] is None or np.isnan(a[key])
+            else:
+                assert a[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
