@@ -234,8 +234,9 @@ def iter_batches(
             f"dicts, got {type(data).__name__}"
         )
     n = _len(data)
-    if n is None or not hasattr(data, "__getitem__"):  # an iterable of ready batches (e.g. a generator)
-        return (b for i, b in enumerate(data) if i % world == rank), None
+    collate_examples = collate_fn or (lambda examples: collate(examples, pad_token_id))
+    if n is None or not hasattr(data, "__getitem__"):  # a stream: of ready batches, or of examples to batch
+        return _stream_batches(data, batch_size, collate_examples, rank, world), None
     if n == 0:
         raise ValueError("data is empty")
     first = data[0]
@@ -243,7 +244,6 @@ def iter_batches(
         raise TypeError(f"data items must be dicts of model inputs, got {type(first).__name__}")
     if _is_batch(first):  # a list of ready batches
         return (data[i] for i in range(rank, n, world)), len(range(rank, n, world))
-    collate_examples = collate_fn or (lambda examples: collate(examples, pad_token_id))
     starts = list(range(0, n, batch_size))[rank::world]
     is_hf_dataset = hasattr(data, "column_names")
 
@@ -258,6 +258,24 @@ def iter_batches(
             yield collate_examples(examples)
 
     return generate(), len(starts)
+
+
+def _stream_batches(data: Iterable, batch_size: int, collate_examples, rank: int, world: int) -> Iterator[dict]:
+    """Batches of a stream (a generator, a ``datasets.IterableDataset``): items that are already batches pass
+    through; single examples are grouped ``batch_size`` at a time and collated. Batch i goes to rank i % world."""
+    index = 0
+    pending: list[Mapping] = []
+    for item in data:
+        if isinstance(item, Mapping) and not _is_batch(item):
+            pending.append(item)
+            if len(pending) < batch_size:
+                continue
+            item, pending = collate_examples(pending), []
+        if index % world == rank:
+            yield item
+        index += 1
+    if pending and index % world == rank:
+        yield collate_examples(pending)
 
 
 def to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
