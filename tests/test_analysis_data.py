@@ -70,6 +70,11 @@ def test_every_data_form_gives_the_same_batches():
         iter_batches(ROWS, 0)
     with pytest.raises(ValueError, match="empty"):
         iter_batches([], 4)
+    from hf_align.analysis.data import require_reiterable
+
+    require_reiterable(ROWS, "x")
+    with pytest.raises(ValueError, match="x needs a second pass"):
+        require_reiterable((r for r in ROWS), "x")
 
 
 def test_rank_sharding_deals_batches_round_robin(monkeypatch):

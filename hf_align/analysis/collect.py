@@ -8,7 +8,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import collate, eval_mode, iter_batches, pad_token_id, rank_and_world, split_labels, to_device
+from .data import (
+    collate,
+    eval_mode,
+    iter_batches,
+    pad_token_id,
+    rank_and_world,
+    require_reiterable,
+    split_labels,
+    to_device,
+)
 from .pooling import POOLINGS, pool
 from .similarity import SIMILARITY_METRICS, SimilarityUndefinedError, default_constant_rtol, similarity_metric
 from .streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA
@@ -155,6 +164,8 @@ def layer_similarity(
         raise ValueError(f"on_undefined must be 'warn' or 'raise', got {on_undefined!r}")
     if center and metric != "cosine":
         raise ValueError("center=True applies to metric='cosine' (CKA always centres)")
+    if center:
+        require_reiterable(data, "center=True (the layer means come from a first pass)")
 
     views = [LayerView(model)] + ([LayerView(model_b)] if model_b is not None else [])
     poolings = [pooling or default_pooling(v) for v in views]

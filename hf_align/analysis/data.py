@@ -36,6 +36,7 @@ __all__ = [
     "iter_batches",
     "pad_token_id",
     "rank_and_world",
+    "require_reiterable",
     "split_labels",
     "to_device",
 ]
@@ -276,6 +277,14 @@ def _stream_batches(data: Iterable, batch_size: int, collate_examples, rank: int
         index += 1
     if pending and index % world == rank:
         yield collate_examples(pending)
+
+
+def require_reiterable(data: Any, why: str) -> None:
+    """A ValueError, before any work, when ``data`` is a one-shot iterator (a generator) but ``why`` needs a
+    second pass over it."""
+    if isinstance(data, Iterator):
+        raise ValueError(f"{why} needs a second pass over the data, but data is a one-shot iterator "
+                         f"({type(data).__name__}): pass a list, a datasets.Dataset or a DataLoader")
 
 
 def to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from ..data import (
     iter_batches,
     pad_token_id,
     rank_and_world,
+    require_reiterable,
     split_labels,
     to_device,
 )
@@ -196,6 +197,8 @@ def collapse_report(
     if labels_key is None:
         check_dataset_labels(data, K, name="data")
     nc4 = bool(nc4) and classifier_head
+    if nc4:
+        require_reiterable(data, "nc4=True (NCC predictions need the class means first)")
     stats = [ClassStatistics(K) for _ in chosen]
     sumsq = np.zeros(len(chosen))
     dev = view.device
