@@ -17,6 +17,7 @@ points; what is added here is
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -249,6 +250,11 @@ def _has_tokenizer(folder) -> bool:
     return any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer.json", "tokenizer_config.json"))
 
 
+def _q(text: str) -> str:
+    """A Python string literal in double quotes."""
+    return json.dumps(text)
+
+
 def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, threshold: float | None = 0.9) -> list[str]:
     """Markdown lines: a Python snippet that loads ``repo`` (a Hub id or a folder) the stock way and runs it.
 
@@ -260,8 +266,8 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
     lines = ["## Use", ""]
     if task == "causal-lm":
         lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f"model = AutoModelForCausalLM.from_pretrained({repo!r})",
-                  f"tokenizer = AutoTokenizer.from_pretrained({repo!r})",
+                  f"model = AutoModelForCausalLM.from_pretrained({_q(repo)})",
+                  f"tokenizer = AutoTokenizer.from_pretrained({_q(repo)})",
                   "inputs = tokenizer(\"The layers of a transformer\", return_tensors=\"pt\")",
                   "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=10)[0]))", "```", ""]
     else:
@@ -270,7 +276,7 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
             lines += ["from PIL import Image", ""]
         lines += ["import hf_align  # registers the \"early-exit-classification\" pipeline",
                   "from transformers import pipeline", "",
-                  f"clf = pipeline(\"early-exit-classification\", model={repo!r}{arg})"]
+                  f"clf = pipeline(\"early-exit-classification\", model={_q(repo)}{arg})"]
         if task == "image-classification":
             lines += ["image = Image.new(\"RGB\", (224, 224), \"gray\")  # your image here", "print(clf(image))"]
         else:
@@ -283,7 +289,7 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
         auto = {"sequence-classification": "AutoPeftModelForSequenceClassification",
                 "causal-lm": "AutoPeftModelForCausalLM"}.get(task, "AutoPeftModel")
         lines += ["", "This repo holds a PEFT adapter; the base model is loaded from `base_model` above:", "",
-                  "```python", f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r})", "```"]
+                  "```python", f"from peft import {auto}", "", f"model = {auto}.from_pretrained({_q(repo)})", "```"]
     if folder is not None and task == "image-classification" and not _has_image_processor(folder):
         lines += ["", "**Note:** no image processor was saved with this model; save one beside it "
                   "(`processing_class=` of the trainer, or `image_processor.save_pretrained(folder)`) for the "
@@ -412,9 +418,9 @@ def super_resolution_card(folder, pipe, metadata=None, repo: str | None = None, 
         lines += ["import numpy as np", ""]
     lines += ["import hf_align  # lets DiffusionPipeline find SuperResolutionPipeline",
               "from diffusers import DiffusionPipeline", "",
-              f"pipe = DiffusionPipeline.from_pretrained({repo!r})"]
+              f"pipe = DiffusionPipeline.from_pretrained({_q(repo)})"]
     if mode is not None:
-        lines += [f"low = Image.new({mode!r}, ({side}, {side}), {'128' if mode == 'L' else '(128, 128, 128)'})"
+        lines += [f"low = Image.new({_q(mode)}, ({side}, {side}), {'128' if mode == 'L' else '(128, 128, 128)'})"
                   "  # your low-resolution image"]
     else:
         lines += [f"low = np.full(({side}, {side}, {channels}), 0.5, dtype=np.float32)  # (H, W, C) in [0, 1]"]

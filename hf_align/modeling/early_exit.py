@@ -36,6 +36,9 @@ from ..layers import LayerView
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
 
 POLICIES = ("confidence", "entropy", "patience", "fixed")
+# other transformers `from_pretrained` options EarlyExitModel.from_pretrained passes on
+_LOAD_KWARGS = ("attn_implementation", "force_download", "proxies", "variant", "max_memory", "offload_folder",
+                "quantization_config")
 
 
 @dataclass
@@ -128,8 +131,9 @@ class EarlyExitModel(nn.Module):
 
         ``dtype``, ``revision``, ``token``, ``cache_dir``, ``device_map``, ``local_files_only`` and ``subfolder`` are
         passed to transformers' ``from_pretrained``; the exit settings (``policy``, ``threshold``, ``patience``,
-        ``exit_layer``, ``min_layer``) override the saved ``config.early_exit``; any other keyword goes to the
-        model's ``from_pretrained`` too. A PEFT adapter folder/repo loads its base model with the adapter applied.
+        ``exit_layer``, ``min_layer``) override the saved ``config.early_exit``; ``attn_implementation``,
+        ``force_download``, ``proxies``, ``variant``, ``max_memory``, ``offload_folder``, ``quantization_config`` go to
+        the model's ``from_pretrained`` too. A PEFT adapter folder/repo loads its base model with the adapter applied.
         """
         from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
         from transformers.utils import find_adapter_config_file
@@ -139,7 +143,11 @@ class EarlyExitModel(nn.Module):
         register_auto_classes()
         names = {f.name for f in fields(EarlyExitConfig)}
         settings = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
-        EarlyExitConfig.from_dict(settings)  # unknown or misspelled settings fail before any loading
+        unknown = sorted(set(kwargs) - set(_LOAD_KWARGS))
+        if unknown:  # fail before any download or loading
+            raise ValueError(f"unknown argument(s) {unknown} to EarlyExitModel.from_pretrained; exit settings are "
+                             f"{sorted(names)}, loading options dtype, revision, token, cache_dir, device_map, "
+                             f"local_files_only, subfolder, {', '.join(_LOAD_KWARGS)}")
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "subfolder": subfolder}
         path = pretrained_model_name_or_path
