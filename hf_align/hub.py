@@ -89,6 +89,9 @@ def user_metadata(card_data: Any = None, **metadata: Any) -> dict[str, Any]:
     for key in ("tags", "datasets", "language", "base_model", "metrics"):
         if key in merged:
             _as_list(merged[key], key)
+    for key in ("tags", "datasets"):  # lists on the Hub, whatever the caller passed
+        if key in merged:
+            merged[key] = _as_list(merged[key], key)
     for key in ("license", "model_name", "license_name", "license_link"):
         if key in merged and not isinstance(merged[key], str):
             raise TypeError(f"{key} must be a string, got {merged[key]!r}")

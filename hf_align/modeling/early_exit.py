@@ -152,8 +152,7 @@ class EarlyExitModel(nn.Module):
                "subfolder": subfolder}
         path = pretrained_model_name_or_path
         config_source = path
-        adapter = find_adapter_config_file(path, **{k: v for k, v in hub.items() if k != "subfolder"},
-                                           subfolder=subfolder or None)
+        adapter = find_adapter_config_file(path, **hub)
         if adapter is not None and not os.path.isfile(os.path.join(os.fspath(path), subfolder, "config.json")):
             with open(adapter, encoding="utf-8") as f:
                 config_source = json.load(f)["base_model_name_or_path"]
