@@ -258,6 +258,7 @@ def test_aligned_trainer_push_card_and_metadata(fake_hub, text_model, tmp_path):
     assert kept.data.license == "mit" and kept.data.datasets == ["user/sentences"]
 
 
+@pytest.mark.slow  # a second trainer; the adapter's card is also checked by test_hub_loading
 def test_peft_adapter_gets_hf_align_card(fake_hub, text_model, tmp_path):
     peft = pytest.importorskip("peft")
     model, tok, data = text_model
@@ -280,7 +281,16 @@ def test_peft_adapter_gets_hf_align_card(fake_hub, text_model, tmp_path):
     assert "Provide a quick summary" not in card.text  # PEFT's template was replaced
 
 
-def test_dream_trainer_push_and_sr_snippet(fake_hub, tmp_path, monkeypatch):
+@pytest.fixture
+def flush_denormals():
+    """The 1-step tiny UNet's sampling runs into float32 denormals, which are ~100x slower on CPU."""
+    torch.set_flush_denormal(True)
+    yield
+    torch.set_flush_denormal(False)
+
+
+@pytest.mark.slow  # DREAMTrainer + sampling through the card's snippet
+def test_dream_trainer_push_and_sr_snippet(fake_hub, tmp_path, monkeypatch, flush_denormals):
     import datasets
     from skimage import data as skdata
 
