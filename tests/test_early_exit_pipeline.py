@@ -106,13 +106,12 @@ def test_saved_pipeline_reloads(tmp_path, text_setup):
     clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, policy="patience", patience=2)
     clf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert "early-exit-classification" in config["custom_pipelines"]
+    assert "custom_pipelines" not in config  # it would make transformers demand trust_remote_code
     assert config["early_exit"]["policy"] == "patience"
-    shim = (tmp_path / "early_exit_classification.py").read_text()
-    assert "from hf_align.pipelines.early_exit_classification import" in shim and "class " not in shim
-    # no code from the folder runs: the registered task is used with the saved model, settings and tokenizer
-    again = T.pipeline("early-exit-classification", model=str(tmp_path), trust_remote_code=False,
-                       pipeline_class=hf_align.EarlyExitClassificationPipeline)
+    assert not list(tmp_path.glob("*.py"))  # no code in the folder
+    assert not hasattr(model.config, "early_exit")  # the live config is untouched
+    # the registered task is used with the saved model, settings and tokenizer: no extra arguments
+    again = T.pipeline("early-exit-classification", model=str(tmp_path))
     assert again.early_exit.settings.policy == "patience"
     assert again(SENTENCES) == clf(SENTENCES)
     # the saved model is still a plain transformers classifier
