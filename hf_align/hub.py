@@ -168,12 +168,11 @@ def write_card(folder, data, title: str, body: list[str], force: bool = False) -
     return path
 
 
-def _remote_readme_is_users(api, repo_id: str, revision: str | None, repo_type: str = "model") -> bool:
-    """Whether the Hub repo has a README.md that hf-align did not write (then a push leaves it alone)."""
+def _remote_readme(api, repo_id: str, revision: str | None, repo_type: str = "model") -> str | None:
+    """The path of the Hub repo's README.md, downloaded (None when the repo has none)."""
     if not api.file_exists(repo_id, "README.md", repo_type=repo_type, revision=revision):
-        return False
-    path = api.hf_hub_download(repo_id, "README.md", repo_type=repo_type, revision=revision)
-    return not _is_ours(path)
+        return None
+    return api.hf_hub_download(repo_id, "README.md", repo_type=repo_type, revision=revision)
 
 
 def push_folder(save: Callable[[str], Any], repo_id: str, *, commit_message: str = "Upload with hf-align",
@@ -182,7 +181,10 @@ def push_folder(save: Callable[[str], Any], repo_id: str, *, commit_message: str
     """Create the repo (if needed), ``save(folder)`` into a temporary folder and upload it in one commit.
 
     Returns the ``CommitInfo`` of ``HfApi.upload_folder``. A README.md already on the Hub that hf-align did not
-    write is kept (the new card is not uploaded over it)."""
+    write is kept (the new card is not uploaded over it); one that hf-align wrote is regenerated with the user
+    metadata it carries (license, datasets...) kept."""
+    import shutil
+
     from huggingface_hub import HfApi
 
     if not isinstance(repo_id, str) or not repo_id.strip():
@@ -191,12 +193,16 @@ def push_folder(save: Callable[[str], Any], repo_id: str, *, commit_message: str
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type).repo_id
     if revision is not None and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type=repo_type)
-    ignore = ["README.md"] if _remote_readme_is_users(api, repo_id, revision, repo_type) else None
+    remote = _remote_readme(api, repo_id, revision, repo_type)
+    users = remote is not None and not _is_ours(remote)
     with tempfile.TemporaryDirectory() as folder:
+        if remote is not None and not users:
+            shutil.copyfile(remote, os.path.join(folder, "README.md"))  # its metadata is merged into the new card
         save(folder)
         return api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type=repo_type,
                                  commit_message=commit_message, commit_description=commit_description,
-                                 revision=revision, create_pr=create_pr, ignore_patterns=ignore)
+                                 revision=revision, create_pr=create_pr,
+                                 ignore_patterns=["README.md"] if users else None)
 
 
 # -- card bodies -------------------------------------------------------------------------------------------------

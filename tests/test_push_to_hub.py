@@ -54,6 +54,7 @@ def fake_hub(monkeypatch, tmp_path):
         return RepoUrl(f"https://huggingface.co/{repo_id}")
 
     def _commit(repo_id, files, commit_message, commit_description, revision, create_pr):
+        hub.remote.update({(repo_id, path): data for path, data in files.items()})
         hub.uploads.append({"repo_id": repo_id, "files": files, "commit_message": commit_message,
                             "commit_description": commit_description, "revision": revision, "create_pr": create_pr})
         return CommitInfo(commit_url=f"https://huggingface.co/{repo_id}/commit/{'a' * 40}",
@@ -171,6 +172,13 @@ def test_early_exit_model_push_sends_model_settings_curve_and_card(fake_hub, tex
     assert "no tokenizer was saved" in card.text  # the bare model has none: the card says so
     # nothing changed on the live model
     assert model.config.to_dict() == before and not hasattr(model.config, "early_exit")
+    # to a branch: created first, the commit goes there
+    ee.push_to_hub("user/bert-exit", revision="dev", commit_description="details")
+    assert fake_hub.repos[-1] == {"repo_id": "user/bert-exit", "branch": "dev"}
+    assert (fake_hub.last("user/bert-exit")["revision"], fake_hub.last("user/bert-exit")["commit_description"]) == (
+        "dev", "details")
+    again = card_of(fake_hub.last("user/bert-exit"))  # the metadata of the card on the Hub is kept
+    assert again.data.license == "mit" and again.data.datasets == ["user/sentences"] and "demo" in again.data.tags
 
 
 def test_bad_metadata_fails_before_anything_is_sent(fake_hub, text_model, tmp_path):
