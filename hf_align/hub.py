@@ -264,7 +264,8 @@ def _q(text: str) -> str:
     return json.dumps(text)
 
 
-def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, threshold: float | None = 0.9) -> list[str]:
+def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, threshold: float | None = 0.9,
+                  remote_code: bool = False) -> list[str]:
     """Markdown lines: a Python snippet that loads ``repo`` (a Hub id or a folder) the stock way and runs it.
 
     Classifiers: ``pipeline("early-exit-classification", model=repo)`` after ``import hf_align`` (an image
@@ -294,6 +295,9 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
                   "Each result carries `exit_layer`: the block after which the model was sure enough to stop "
                   "(blocks after it never ran). Without hf-align the folder is a plain transformers classifier "
                   f"(`AutoModelFor{'Image' if task == 'image-classification' else 'Sequence'}Classification`)."]
+        if remote_code:
+            lines += ["", f"With hf-align installed but not imported, `pipeline(model={_q(repo)}, trust_remote_code=True)` "
+                      "gives the same pipeline: the repo's `early_exit_classification.py` only imports hf-align."]
     if peft:
         auto = {"sequence-classification": "AutoPeftModelForSequenceClassification",
                 "causal-lm": "AutoPeftModelForCausalLM"}.get(task, "AutoPeftModel")
@@ -388,7 +392,8 @@ def early_exit_card(folder, early_exit, metadata=None, repo: str | None = None, 
         os.makedirs(folder, exist_ok=True)
         calibration.plot(os.path.join(folder, "exit_curve.png"))
         lines += ["![exit curve](exit_curve.png)", ""]
-    lines += usage_snippet(view.task, repo if repo is not None else os.fspath(folder), folder=folder, threshold=None)
+    lines += usage_snippet(view.task, repo if repo is not None else os.fspath(folder), folder=folder, threshold=None,
+                           remote_code=os.path.isfile(os.path.join(folder, "early_exit_classification.py")))
     return write_card(folder, data, f"{type(view.hf_model).__name__} with early exit", lines)
 
 

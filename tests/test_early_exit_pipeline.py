@@ -106,10 +106,13 @@ def test_saved_pipeline_reloads(tmp_path, text_setup):
     clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, policy="patience", patience=2)
     clf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert "custom_pipelines" not in config  # it would make transformers demand trust_remote_code
+    # only the trust_remote_code entry, under a key that is not the registered task (which it would shadow)
+    assert list(config["custom_pipelines"]) == ["hf-align/early-exit-classification"]
     assert config["early_exit"]["policy"] == "patience"
-    assert not list(tmp_path.glob("*.py"))  # no code in the folder
-    assert not hasattr(model.config, "early_exit")  # the live config is untouched
+    shim = (tmp_path / "early_exit_classification.py").read_text()
+    assert "from hf_align.pipelines.early_exit_classification import" in shim and "class " not in shim
+    assert "pip install hf-align" in shim
+    assert not hasattr(model.config, "early_exit") and not hasattr(model.config, "custom_pipelines")  # untouched
     # the registered task is used with the saved model, settings and tokenizer: no extra arguments
     again = T.pipeline("early-exit-classification", model=str(tmp_path))
     assert again.early_exit.settings.policy == "patience"

@@ -238,6 +238,15 @@ try:
 except Exception as e:
     out["sr_without"] = str(e)[:200]
 out["hf_align_imported"] = "hf_align" in sys.modules
+# trust_remote_code=True: the repo's one code file imports the installed hf-align, and says how to install it
+sys.modules["hf_align"] = None  # as if hf-align were not installed
+try:
+    T.pipeline(model=VIT, trust_remote_code=True)
+except ImportError as e:
+    out["remote_missing"] = str(e)
+del sys.modules["hf_align"]
+remote = T.pipeline(model=VIT, trust_remote_code=True)
+out["remote"] = [type(remote).__name__, remote(IMAGE, exit_layer=3)[0]["score"]]
 import evaluate
 rng = np.random.default_rng(0)
 X = rng.normal(size=(20, 5)); Y = np.tanh(X @ rng.normal(size=(5, 3)))
@@ -279,6 +288,11 @@ def test_without_hf_align_in_a_fresh_interpreter(hub, tmp_path):
     assert out["pipeline_without"] == "KeyError"
     assert "SuperResolutionPipeline" in out["sr_without"]
     assert out["hf_align_imported"] is False
+    assert "pip install hf-align" in out["remote_missing"]
+    with torch.no_grad():
+        probs = hub["vit"](**hub["processor"](images=_image(1), return_tensors="pt")).logits[0].softmax(-1)
+    assert out["remote"][0] == "EarlyExitClassificationPipeline"
+    assert out["remote"][1] == pytest.approx(float(probs.max()), abs=1e-5)
     rng = np.random.default_rng(0)
     X = rng.normal(size=(20, 5))
     Y = np.tanh(X @ rng.normal(size=(5, 3)))

@@ -156,12 +156,13 @@ def test_early_exit_model_push_sends_model_settings_curve_and_card(fake_hub, tex
     assert info.oid == "a" * 40
     assert fake_hub.repos == [{"repo_id": "user/bert-exit", "private": True, "repo_type": "model", "exist_ok": True}]
     upload = fake_hub.last("user/bert-exit")
-    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md", "exit_curve.png"}
+    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md", "exit_curve.png",
+                                    "early_exit_classification.py"}
     assert upload["commit_message"] == "first"
     config = json.loads(upload["files"]["config.json"])
     assert config["early_exit"] == {"policy": "confidence", "threshold": curve.chosen, "patience": 2,
                                     "exit_layer": None, "min_layer": 1}
-    assert "custom_pipelines" not in config
+    assert list(config["custom_pipelines"]) == ["hf-align/early-exit-classification"]  # trust_remote_code users
     card = card_of(upload)
     assert (card.data.license, card.data.language, card.data.datasets, card.data.base_model) == (
         "mit", "en", ["user/sentences"], "user/tiny-bert")
@@ -197,7 +198,7 @@ def test_pipeline_pushes_run_their_card_snippets(fake_hub, text_model, tmp_path,
     clf.push_to_hub("user/text-exit", license="apache-2.0")
     text = fake_hub.last("user/text-exit")
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "README.md"} <= set(text["files"])
-    assert not any(name.endswith(".py") for name in text["files"])  # no code is shipped
+    assert [n for n in text["files"] if n.endswith(".py")] == ["early_exit_classification.py"]  # imports hf-align only
     assert model.config.to_dict() == before
     torch.manual_seed(0)
     vit = T.ViTForImageClassification(T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32,
@@ -225,7 +226,8 @@ def test_saving_never_mutates_and_later_saves_load_both_ways(text_model, tmp_pat
         EarlyExitModel(model, policy="fixed", exit_layer=2).save_pretrained(tmp_path / "ee")
         assert model.config.to_dict() == before and not hasattr(model.config, "early_exit")
         saved = json.loads((tmp_path / "pipe" / "config.json").read_text())
-        assert "custom_pipelines" not in saved and saved["early_exit"]["threshold"] == 0.4
+        assert list(saved["custom_pipelines"]) == ["hf-align/early-exit-classification"]  # the old entry is dropped
+        assert saved["early_exit"]["threshold"] == 0.4
     finally:
         del model.config.custom_pipelines
     # a later plain save of the same model loads with the registered task (no trust_remote_code) and plainly

@@ -184,10 +184,12 @@ class EarlyExitModel(nn.Module):
 
     @contextlib.contextmanager
     def _settings_in_config(self):
-        """``config.early_exit`` = the current settings while saving; the live config is restored afterwards.
-
-        A ``custom_pipelines`` entry of this task (written by hf-align < 0.2) is left out of the saved config: it
+        """``config.early_exit`` = the current settings and ``config.custom_pipelines`` = the trust_remote_code entry
+        (see :data:`~hf_align.pipelines.early_exit_classification.REMOTE_TASK`) while saving; the live config is
+        restored afterwards. An entry named "early-exit-classification" (written by hf-align 0.1) is dropped: it
         would make transformers demand ``trust_remote_code`` instead of using the registered task."""
+        from ..pipelines.early_exit_classification import remote_pipeline_entry
+
         configs = [self.config]
         if self.view.hf_model.config is not self.config:
             configs.append(self.view.hf_model.config)
@@ -196,12 +198,8 @@ class EarlyExitModel(nn.Module):
             for c in configs:
                 c.early_exit = asdict(self.settings)
                 custom = getattr(c, "custom_pipelines", None)
-                if isinstance(custom, dict) and "early-exit-classification" in custom:
-                    rest = {k: v for k, v in custom.items() if k != "early-exit-classification"}
-                    if rest:
-                        c.custom_pipelines = rest
-                    else:
-                        del c.custom_pipelines
+                custom = {k: v for k, v in (custom or {}).items() if k != "early-exit-classification"}
+                c.custom_pipelines = {**custom, **remote_pipeline_entry()}
             yield
         finally:
             for c, state in saved:
@@ -213,8 +211,9 @@ class EarlyExitModel(nn.Module):
         """Save the wrapped model with the exit settings in ``config.early_exit`` and a model card (README.md).
 
         The folder is a plain transformers model (``AutoModelFor...Classification.from_pretrained`` loads it without
-        hf-align; ``pipeline("early-exit-classification", model=folder)`` with it). The live model and config are
-        not changed. Card metadata: ``card_data`` (a ``huggingface_hub.ModelCardData`` or dict) and/or
+        hf-align; ``pipeline("early-exit-classification", model=folder)`` with it, and
+        ``pipeline(model=folder, trust_remote_code=True)`` without importing it: the one code file written only
+        imports the installed hf-align). The live model and config are not changed. Card metadata: ``card_data`` (a ``huggingface_hub.ModelCardData`` or dict) and/or
         ``license``, ``language``, ``datasets``, ``base_model``, ``tags``; kept by later saves. A README.md the user
         wrote is never overwritten. Other keywords go to the model's ``save_pretrained``.
         """
@@ -225,8 +224,11 @@ class EarlyExitModel(nn.Module):
                                  base_model=base_model, tags=tags)  # bad metadata fails before anything is written
         if os.path.isfile(os.fspath(save_directory)):
             raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
+        from ..pipelines.early_exit_classification import write_remote_code
+
         with self._settings_in_config():
             self.model.save_pretrained(save_directory, **kwargs)
+        write_remote_code(save_directory)
         if model_card:
             early_exit_card(save_directory, self, metadata=metadata, repo=repo, calibration=self.calibration)
 

@@ -25,6 +25,40 @@ from ..modeling.early_exit import EarlyExitConfig, EarlyExitModel
 
 _SETTINGS = ("policy", "threshold", "patience", "exit_layer", "min_layer")
 
+# For users who do not import hf-align: `pipeline(model=<saved folder or repo>, trust_remote_code=True)` picks this
+# task from `config.custom_pipelines` and imports the file below, which only imports the installed hf-align. The key
+# differs from the registered task on purpose: transformers consults `custom_pipelines` before its registry, so an
+# entry named "early-exit-classification" would make it demand trust_remote_code even after `import hf_align`.
+REMOTE_TASK = "hf-align/early-exit-classification"
+REMOTE_CODE_FILE = "early_exit_classification.py"
+_REMOTE_CODE = '''"""hf-align's early-exit pipeline, for `pipeline(model=<this repo>, trust_remote_code=True)`.
+
+This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
+`import hf_align; pipeline("early-exit-classification", model=<this repo>)`, which runs no code from the repo.
+"""
+
+try:
+    from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "This model's early-exit pipeline is part of hf-align, which is not installed: pip install hf-align"
+    ) from error
+'''
+
+
+def remote_pipeline_entry() -> dict:
+    """The ``config.custom_pipelines`` entry written into saved early-exit folders (see :data:`REMOTE_TASK`)."""
+    return {REMOTE_TASK: {"impl": "early_exit_classification.EarlyExitClassificationPipeline",
+                          "pt": ["AutoModelForSequenceClassification", "AutoModelForImageClassification"],
+                          "type": "multimodal"}}
+
+
+def write_remote_code(folder) -> str:
+    path = os.path.join(folder, REMOTE_CODE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_REMOTE_CODE)
+    return path
+
 
 def _is_image(x: Any) -> bool:
     try:
@@ -122,7 +156,9 @@ class EarlyExitClassificationPipeline(Pipeline):
             pipeline("early-exit-classification", model=folder)      # after `import hf_align`
 
         loads it back with the same settings, and the folder stays a plain transformers model without hf-align.
-        No code is written into the folder and nothing is set on the live model or config. Card metadata as in
+        Users who do not import hf-align can use ``pipeline(model=folder, trust_remote_code=True)``: the only code
+        written (``early_exit_classification.py``) imports the installed hf-align. Nothing is set on the live model
+        or config. Card metadata as in
         :meth:`~hf_align.EarlyExitModel.save_pretrained`.
         """
         from ..hub import early_exit_card, user_metadata
