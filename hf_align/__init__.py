@@ -1,7 +1,8 @@
 """hf-align: make a transformer's layers first-class on the Hugging Face stack.
 
-Importing the package registers ``pipeline("early-exit-classification")`` and the multi-exit Auto model.
-The analysis, neural-collapse and diffusion APIs are imported on first use (they pull in diffusers, scipy...).
+Importing the package registers ``pipeline("early-exit-classification")``, the multi-exit Auto model and
+``SuperResolutionPipeline`` for ``diffusers.DiffusionPipeline.from_pretrained``. The analysis, neural-collapse and
+DREAM training APIs are imported on first use (they pull in scipy, scikit-image...).
 """
 
 from __future__ import annotations
@@ -25,6 +26,16 @@ from .trainers.aligned_trainer import AlignedTrainer  # noqa: E402
 
 register_auto_classes()
 register_pipeline()
+
+
+def _register_diffusers_pipeline() -> None:
+    # DiffusionPipeline.from_pretrained(<SR folder or repo id>) looks the class up in the `diffusers` namespace
+    from .pipelines.super_resolution import register_diffusers_pipeline
+
+    register_diffusers_pipeline()
+
+
+_register_diffusers_pipeline()
 
 _LAZY = {
     # layer-wise similarity (analysis/)

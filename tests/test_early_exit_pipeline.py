@@ -106,13 +106,15 @@ def test_saved_pipeline_reloads(tmp_path, text_setup):
     clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, policy="patience", patience=2)
     clf.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    assert "early-exit-classification" in config["custom_pipelines"]
+    # only the trust_remote_code entry, under a key that is not the registered task (which it would shadow)
+    assert list(config["custom_pipelines"]) == ["hf-align/early-exit-classification"]
     assert config["early_exit"]["policy"] == "patience"
     shim = (tmp_path / "early_exit_classification.py").read_text()
     assert "from hf_align.pipelines.early_exit_classification import" in shim and "class " not in shim
-    # no code from the folder runs: the registered task is used with the saved model, settings and tokenizer
-    again = T.pipeline("early-exit-classification", model=str(tmp_path), trust_remote_code=False,
-                       pipeline_class=hf_align.EarlyExitClassificationPipeline)
+    assert "pip install hf-align" in shim
+    assert not hasattr(model.config, "early_exit") and not hasattr(model.config, "custom_pipelines")  # untouched
+    # the registered task is used with the saved model, settings and tokenizer: no extra arguments
+    again = T.pipeline("early-exit-classification", model=str(tmp_path))
     assert again.early_exit.settings.policy == "patience"
     assert again(SENTENCES) == clf(SENTENCES)
     # the saved model is still a plain transformers classifier

@@ -203,4 +203,5 @@ def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str 
     curve.chosen = curve.values[best]
     chosen = _settings_for(curve.policy, curve.chosen, model.settings.min_layer)
     model.set_exit(**vars(chosen))
+    model.calibration = curve  # shown in the model card when the model is saved or pushed
     return curve

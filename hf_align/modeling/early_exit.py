@@ -23,8 +23,11 @@ mode; every module's own train/eval flag is restored afterwards.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import numbers
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -38,6 +41,9 @@ from ..layers import LayerView
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
 
 POLICIES = ("confidence", "entropy", "patience", "fixed")
+# other transformers `from_pretrained` options EarlyExitModel.from_pretrained passes on
+_LOAD_KWARGS = ("attn_implementation", "force_download", "proxies", "variant", "max_memory", "offload_folder",
+                "quantization_config")
 
 
 @dataclass
@@ -120,22 +126,51 @@ class EarlyExitModel(nn.Module):
         self.view = view
         stored = getattr(self.config, "early_exit", None) or {}
         self.settings = EarlyExitConfig.from_dict({**stored, **settings}).validate(view.num_layers)
+        self.calibration = None  # the ExitCurve of the last `calibrate` (shown in the model card)
 
     # -- construction / saving -------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, **settings: Any) -> EarlyExitModel:
-        """Load a saved classifier (local folder or Hub repo; safetensors only, no remote code) and wrap it."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *, dtype=None, revision: str | None = None,
+                        token: str | bool | None = None, cache_dir=None, device_map=None,
+                        local_files_only: bool = False, subfolder: str = "", **kwargs: Any) -> EarlyExitModel:
+        """Load a saved classifier (local folder or Hub repo id; safetensors only, no remote code) and wrap it.
+
+        ``dtype``, ``revision``, ``token``, ``cache_dir``, ``device_map``, ``local_files_only`` and ``subfolder`` are
+        passed to transformers' ``from_pretrained``; the exit settings (``policy``, ``threshold``, ``patience``,
+        ``exit_layer``, ``min_layer``) override the saved ``config.early_exit``; ``attn_implementation``,
+        ``force_download``, ``proxies``, ``variant``, ``max_memory``, ``offload_folder``, ``quantization_config`` go to
+        the model's ``from_pretrained`` too. A PEFT adapter folder/repo loads its base model with the adapter applied.
+        """
         from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+        from transformers.utils import find_adapter_config_file
 
         from .multi_exit import register_auto_classes
 
         register_auto_classes()
-        config = AutoConfig.from_pretrained(path, trust_remote_code=False)
-        autos = (AutoModelForSequenceClassification, AutoModelForImageClassification)
-        for auto in autos:
+        names = {f.name for f in fields(EarlyExitConfig)}
+        settings = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
+        unknown = sorted(set(kwargs) - set(_LOAD_KWARGS))
+        if unknown:  # fail before any download or loading
+            raise ValueError(f"unknown argument(s) {unknown} to EarlyExitModel.from_pretrained; exit settings are "
+                             f"{sorted(names)}, loading options dtype, revision, token, cache_dir, device_map, "
+                             f"local_files_only, subfolder, {', '.join(_LOAD_KWARGS)}")
+        hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
+               "subfolder": subfolder}
+        path = pretrained_model_name_or_path
+        config_source = path
+        adapter = find_adapter_config_file(path, **hub)
+        if adapter is not None and not os.path.isfile(os.path.join(os.fspath(path), subfolder, "config.json")):
+            with open(adapter, encoding="utf-8") as f:
+                config_source = json.load(f)["base_model_name_or_path"]
+            config = AutoConfig.from_pretrained(config_source, trust_remote_code=False, token=token,
+                                                cache_dir=cache_dir, local_files_only=local_files_only)
+        else:
+            config = AutoConfig.from_pretrained(path, trust_remote_code=False, **hub)
+        for auto in (AutoModelForSequenceClassification, AutoModelForImageClassification):
             if type(config) in auto._model_mapping:
-                model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
+                model = auto.from_pretrained(path, use_safetensors=True, trust_remote_code=False, dtype=dtype,
+                                             device_map=device_map, **hub, **kwargs)
                 break
         else:
             raise ValueError(f"{path}: {type(config).__name__} is not a sequence or image classifier config")
@@ -154,20 +189,73 @@ class EarlyExitModel(nn.Module):
         self.settings = EarlyExitConfig.from_dict({**asdict(self.settings), **settings}).validate(self.num_layers)
         return self
 
-    def save_pretrained(self, save_directory, **kwargs) -> None:
-        """Save the wrapped model with the exit settings in ``config.early_exit``."""
-        config = self.config
-        previous = getattr(config, "early_exit", None)
-        config.early_exit = asdict(self.settings)
-        try:
-            self.model.save_pretrained(save_directory, **kwargs)
-        except Exception:
-            config.early_exit = previous
-            raise
+    @contextlib.contextmanager
+    def _settings_in_config(self):
+        """``config.early_exit`` = the current settings and ``config.custom_pipelines`` = the trust_remote_code entry
+        (see :data:`~hf_align.pipelines.early_exit_classification.REMOTE_TASK`) while saving; the live config is
+        restored afterwards. An entry named "early-exit-classification" (written by hf-align 0.1) is dropped: it
+        would make transformers demand ``trust_remote_code`` instead of using the registered task."""
+        from ..pipelines.early_exit_classification import remote_pipeline_entry
 
-    def push_to_hub(self, repo_id: str, **kwargs) -> Any:
-        self.config.early_exit = asdict(self.settings)
-        return self.model.push_to_hub(repo_id, **kwargs)
+        configs = [self.config]
+        if self.view.hf_model.config is not self.config:
+            configs.append(self.view.hf_model.config)
+        saved = [(c, dict(c.__dict__)) for c in configs]
+        try:
+            for c in configs:
+                c.early_exit = asdict(self.settings)
+                custom = getattr(c, "custom_pipelines", None)
+                custom = {k: v for k, v in (custom or {}).items() if k != "early-exit-classification"}
+                c.custom_pipelines = {**custom, **remote_pipeline_entry()}
+            yield
+        finally:
+            for c, state in saved:
+                c.__dict__.clear()
+                c.__dict__.update(state)
+
+    def save_pretrained(self, save_directory, *, model_card: bool = True, card_data=None, license: str | None = None,
+                        language=None, datasets=None, base_model=None, tags=None, **kwargs) -> None:
+        """Save the wrapped model with the exit settings in ``config.early_exit`` and a model card (README.md).
+
+        The folder is a plain transformers model (``AutoModelFor...Classification.from_pretrained`` loads it without
+        hf-align; ``pipeline("early-exit-classification", model=folder)`` with it, and
+        ``pipeline(model=folder, trust_remote_code=True)`` without importing it: the one code file written only
+        imports the installed hf-align). The live model and config are not changed. Card metadata: ``card_data`` (a ``huggingface_hub.ModelCardData`` or dict) and/or
+        ``license``, ``language``, ``datasets``, ``base_model``, ``tags``; kept by later saves. A README.md the user
+        wrote is never overwritten. Other keywords go to the model's ``save_pretrained``.
+        """
+        from ..hub import early_exit_card, user_metadata
+
+        repo = kwargs.pop("_card_repo", None)
+        metadata = user_metadata(card_data, license=license, language=language, datasets=datasets,
+                                 base_model=base_model, tags=tags)  # bad metadata fails before anything is written
+        if os.path.isfile(os.fspath(save_directory)):
+            raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
+        from ..pipelines.early_exit_classification import write_remote_code
+
+        with self._settings_in_config():
+            self.model.save_pretrained(save_directory, **kwargs)
+        write_remote_code(save_directory)
+        if model_card:
+            early_exit_card(save_directory, self, metadata=metadata, repo=repo, calibration=self.calibration)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB", **card_metadata) -> Any:
+        """Push the model (``config.early_exit`` included) and its model card to ``repo_id`` in one commit.
+
+        ``card_metadata``: ``card_data``, ``license``, ``language``, ``datasets``, ``base_model``, ``tags`` as in
+        :meth:`save_pretrained`. Returns the ``CommitInfo``."""
+        from ..hub import push_folder, user_metadata
+
+        user_metadata(**card_metadata)  # checked before the repo is created
+
+        def save(folder):
+            self.save_pretrained(folder, max_shard_size=max_shard_size, _card_repo=repo_id, **card_metadata)
+
+        return push_folder(save, repo_id, commit_message=commit_message or "Upload early-exit model",
+                           commit_description=commit_description, private=private, token=token, revision=revision,
+                           create_pr=create_pr)
 
     # -- inference -------------------------------------------------------------------------------------
 

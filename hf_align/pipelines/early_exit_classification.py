@@ -15,7 +15,6 @@ blocks and exits per sample. Exit settings (``policy``, ``threshold``, ``patienc
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -26,11 +25,39 @@ from ..modeling.early_exit import EarlyExitConfig, EarlyExitModel
 
 _SETTINGS = ("policy", "threshold", "patience", "exit_layer", "min_layer")
 
-# What the saved folder's `early_exit_classification.py` contains: an import of the installed library (for
-# `trust_remote_code=True` users on the Hub); nothing else is executed from a saved folder.
-_SHIM = '''"""Shim for transformers' custom pipelines: uses the installed hf-align package (pip install hf-align)."""
-from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline  # noqa: F401
+# For users who do not import hf-align: `pipeline(model=<saved folder or repo>, trust_remote_code=True)` picks this
+# task from `config.custom_pipelines` and imports the file below, which only imports the installed hf-align. The key
+# differs from the registered task on purpose: transformers consults `custom_pipelines` before its registry, so an
+# entry named "early-exit-classification" would make it demand trust_remote_code even after `import hf_align`.
+REMOTE_TASK = "hf-align/early-exit-classification"
+REMOTE_CODE_FILE = "early_exit_classification.py"
+_REMOTE_CODE = '''"""hf-align's early-exit pipeline, for `pipeline(model=<this repo>, trust_remote_code=True)`.
+
+This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
+`import hf_align; pipeline("early-exit-classification", model=<this repo>)`, which runs no code from the repo.
+"""
+
+try:
+    from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "This model's early-exit pipeline is part of hf-align, which is not installed: pip install hf-align"
+    ) from error
 '''
+
+
+def remote_pipeline_entry() -> dict:
+    """The ``config.custom_pipelines`` entry written into saved early-exit folders (see :data:`REMOTE_TASK`)."""
+    return {REMOTE_TASK: {"impl": "early_exit_classification.EarlyExitClassificationPipeline",
+                          "pt": ["AutoModelForSequenceClassification", "AutoModelForImageClassification"],
+                          "type": "multimodal"}}
+
+
+def write_remote_code(folder) -> str:
+    path = os.path.join(folder, REMOTE_CODE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_REMOTE_CODE)
+    return path
 
 
 def _is_image(x: Any) -> bool:
@@ -49,11 +76,14 @@ class EarlyExitClassificationPipeline(Pipeline):
 
     def __init__(self, model, *args, **kwargs):
         settings = {k: kwargs.pop(k) for k in _SETTINGS if k in kwargs}
+        calibration = None
         if isinstance(model, EarlyExitModel):
             settings = {**vars(model.settings), **settings}
+            calibration = model.calibration
             model = model.model
         super().__init__(model, *args, **kwargs)
         self.early_exit = EarlyExitModel(self.model, **settings)
+        self.early_exit.calibration = calibration
         self.is_image_model = self.early_exit.view.task == "image-classification"
         if self.is_image_model and self.image_processor is None:
             raise ValueError("an image classifier needs an image processor: pass image_processor= (none was found "
@@ -119,39 +149,47 @@ class EarlyExitClassificationPipeline(Pipeline):
         return [{"label": id2label.get(int(i), str(int(i))), "score": float(s), "exit_layer": exit_layer,
                  "num_layers": self.early_exit.num_layers} for s, i in zip(top.values, top.indices)]
 
-    def save_pretrained(self, save_directory, **kwargs):
-        """Save model (with ``config.early_exit``), processors and ``custom_pipelines`` so the folder can be shared.
+    def save_pretrained(self, save_directory, *, card_data=None, license: str | None = None, language=None,
+                        datasets=None, base_model=None, tags=None, **kwargs):
+        """Save model (with ``config.early_exit``), tokenizer / image processor and a model card, so that
 
-        Like transformers' ``Pipeline.save_pretrained`` for registered custom pipelines, but the code written
-        beside the model is a two-line shim that imports the installed hf-align, not a copy of this module.
-        Reload without running any code from the folder::
+            pipeline("early-exit-classification", model=folder)      # after `import hf_align`
 
-            pipeline("early-exit-classification", model=folder, pipeline_class=EarlyExitClassificationPipeline)
+        loads it back with the same settings, and the folder stays a plain transformers model without hf-align.
+        Users who do not import hf-align can use ``pipeline(model=folder, trust_remote_code=True)``: the only code
+        written (``early_exit_classification.py``) imports the installed hf-align. Nothing is set on the live model
+        or config. Card metadata as in
+        :meth:`~hf_align.EarlyExitModel.save_pretrained`.
         """
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory must be a directory, got the file {save_directory!r}")
-        config = self.early_exit.config
-        previous = getattr(config, "custom_pipelines", None)
-        config.custom_pipelines = {
-            "early-exit-classification": {
-                "impl": "early_exit_classification.EarlyExitClassificationPipeline",
-                "pt": ("AutoModelForSequenceClassification", "AutoModelForImageClassification"),
-                "type": "multimodal",
-            }
-        }
-        try:
-            os.makedirs(save_directory, exist_ok=True)
-            self.early_exit.save_pretrained(save_directory, **kwargs)  # writes config.early_exit too
-            for component in (self.tokenizer, self.image_processor):
-                if component is not None:
-                    component.save_pretrained(save_directory, **kwargs)
-            path = os.path.join(save_directory, "early_exit_classification.py")
-            with open(path + ".tmp", "w") as f:
-                f.write(_SHIM)
-            shutil.move(path + ".tmp", path)
-        except Exception:
-            config.custom_pipelines = previous
-            raise
+        from ..hub import early_exit_card, user_metadata
+
+        repo = kwargs.pop("_card_repo", None)
+        metadata = user_metadata(card_data, license=license, language=language, datasets=datasets,
+                                 base_model=base_model, tags=tags)
+        if os.path.isfile(os.fspath(save_directory)):
+            raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
+        os.makedirs(save_directory, exist_ok=True)
+        self.early_exit.save_pretrained(save_directory, model_card=False, **kwargs)
+        for component in (self.tokenizer, self.image_processor):
+            if component is not None:
+                component.save_pretrained(save_directory)
+        early_exit_card(save_directory, self.early_exit, metadata=metadata, repo=repo,
+                        calibration=self.early_exit.calibration)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
+                    create_pr: bool = False, max_shard_size: int | str | None = "50GB", **card_metadata):
+        """Push model, processor and model card to ``repo_id`` in one commit (what :meth:`save_pretrained` writes)."""
+        from ..hub import push_folder, user_metadata
+
+        user_metadata(**card_metadata)
+
+        def save(folder):
+            self.save_pretrained(folder, max_shard_size=max_shard_size, _card_repo=repo_id, **card_metadata)
+
+        return push_folder(save, repo_id, commit_message=commit_message or "Upload early-exit pipeline",
+                           commit_description=commit_description, private=private, token=token, revision=revision,
+                           create_pr=create_pr)
 
 
 def register_pipeline() -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -15,7 +17,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion.images import bicubic_downsample, bicubic_upsample
 
-__all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample"]
+__all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample",
+           "register_diffusers_pipeline"]
 
 
 @dataclass
@@ -145,6 +148,48 @@ class SuperResolutionPipeline(DiffusionPipeline):
             )
         return x.clamp(0.0, 1.0)
 
+    # ------------------------------------------------------------------ sharing
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size=None, push_to_hub: bool = False, *, model_card: bool = True, card_data=None,
+                        license: str | None = None, language=None, datasets=None, base_model=None, tags=None,
+                        **kwargs):
+        """diffusers' ``save_pretrained`` (safetensors) plus a model card (README.md; a README the user wrote is
+        kept). ``DiffusionPipeline.from_pretrained(folder)`` loads the folder after ``import hf_align``.
+        Card metadata: ``card_data`` and/or ``license``, ``language``, ``datasets``, ``base_model``, ``tags``."""
+        from ..hub import super_resolution_card, user_metadata
+
+        repo = kwargs.pop("_card_repo", None)
+        card_extra = kwargs.pop("_card_extra", None) or {}
+        metadata = user_metadata(card_data, license=license, language=language, datasets=datasets,
+                                 base_model=base_model, tags=tags)
+        if os.path.isfile(os.fspath(save_directory)):
+            raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
+        super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
+                                max_shard_size=max_shard_size)
+        if model_card:
+            super_resolution_card(save_directory, self, metadata=metadata, repo=repo, **card_extra)
+        if push_to_hub:
+            return self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.abspath(save_directory))),
+                                    **kwargs, **metadata)
+        return None
+
+    def push_to_hub(self, repo_id: str, commit_message: str | None = None, private: bool | None = None,
+                    token: str | bool | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None, *, revision: str | None = None, commit_description: str | None = None,
+                    **card_metadata: Any):
+        """Push the pipeline (``model_index.json``, ``unet/``, ``scheduler/``) and its model card in one commit."""
+        from ..hub import push_folder, user_metadata
+
+        user_metadata(**card_metadata)
+
+        def save(folder):
+            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, _card_repo=repo_id,
+                                 **card_metadata)
+
+        return push_folder(save, repo_id, commit_message=commit_message or "Upload super-resolution pipeline",
+                           commit_description=commit_description, private=private, token=token, revision=revision,
+                           create_pr=create_pr)
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -218,3 +263,15 @@ class SuperResolutionPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return SuperResolutionPipelineOutput(images=images)
+
+
+def register_diffusers_pipeline() -> None:
+    """Make ``DiffusionPipeline.from_pretrained(folder_or_id)`` find ``SuperResolutionPipeline``.
+
+    diffusers resolves ``_class_name`` of ``model_index.json`` as an attribute of the ``diffusers`` module and has
+    no registry for pipelines defined elsewhere, so the class is added to that namespace (called by
+    ``import hf_align``). Nothing else in diffusers is changed; an existing attribute of that name is kept."""
+    import diffusers
+
+    if getattr(diffusers, "SuperResolutionPipeline", None) is None:
+        diffusers.SuperResolutionPipeline = SuperResolutionPipeline

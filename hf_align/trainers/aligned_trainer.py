@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -321,26 +322,66 @@ class AlignedTrainer(Trainer):
     # -- saving ----------------------------------------------------------------------------------------
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        super()._save(output_dir, state_dict)
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        card = os.path.join(output_dir, "README.md")
+        # a README this save is about to write (PEFT writes its template card for adapters) may be replaced by
+        # ours; one that was there before and is not ours is the user's and is kept
+        replaceable = not os.path.exists(card) or _is_hf_align_card(card)
+        super()._save(output_dir, state_dict)
         if self.args.write_model_card and self.args.should_save:
-            self._write_card(output_dir)
+            self._write_card(output_dir, force=replaceable)
 
-    def create_model_card(self, *args, **kwargs) -> None:
-        """Write hf-align's model card (layer-wise table, plot, recipe, tags) into ``args.output_dir``."""
+    def create_model_card(self, language: str | None = None, license: str | None = None, tags=None,
+                          model_name: str | None = None, finetuned_from: str | None = None, tasks=None,
+                          dataset_tags=None, dataset=None, dataset_args=None, *, datasets=None, base_model=None,
+                          card_data=None) -> None:
+        """Write hf-align's model card (layer-wise table, plot, recipe, usage, tags) into ``args.output_dir``.
+
+        Takes the stock ``Trainer.create_model_card`` arguments (so ``trainer.push_to_hub(license=..., language=...,
+        dataset=..., finetuned_from=..., tags=...)`` reaches it) and the ``huggingface_hub`` names ``datasets``,
+        ``base_model``, ``card_data``. The metadata is kept by later saves of the card."""
+        from ..hub import user_metadata
+
+        datasets = datasets if datasets is not None else (dataset if dataset is not None else dataset_tags)
+        self._card_metadata = {**getattr(self, "_card_metadata", {}),
+                               **user_metadata(card_data, license=license, language=language, datasets=datasets,
+                                               base_model=base_model or finetuned_from, tags=tags,
+                                               model_name=model_name)}
         if self.is_world_process_zero():
-            self._write_card(self.args.output_dir, extra_tags=kwargs.get("tags"))
+            self._write_card(self.args.output_dir, force=self._own_readme(self.args.output_dir))
 
-    def _write_card(self, output_dir: str, extra_tags=None) -> None:
+    def _own_readme(self, output_dir) -> bool:
+        """Whether README.md in output_dir may be replaced: ours, absent, or PEFT's template for the adapter."""
+        card = os.path.join(output_dir, "README.md")
+        if not os.path.exists(card) or _is_hf_align_card(card):
+            return True
+        return self._peft_base() is not None and _is_peft_template(card)
+
+    def _peft_base(self) -> str | None:
+        """The base model of a PEFT adapter being trained ('' if unnamed), or None if the model is no adapter."""
+        model = self.accelerator.unwrap_model(self.model) if hasattr(self, "accelerator") else self.model
+        config = getattr(model, "peft_config", None)
+        if not isinstance(config, dict) or not config:
+            return None
+        active = getattr(model, "active_adapter", None)
+        active = active() if callable(active) else active
+        active = active if isinstance(active, str) else (list(active)[0] if active else next(iter(config)))
+        return getattr(config.get(active), "base_model_name_or_path", None) or ""
+
+    def _write_card(self, output_dir: str, force: bool = False) -> None:
         from ..hub import aligned_model_card
 
+        repo = self.hub_model_id if getattr(self, "hub_model_id", None) else None
         aligned_model_card(
             output_dir,
             model=self.layer_view.hf_model,
             layer_view=self.layer_view,
             log_history=self.state.log_history,
             recipe=self._recipe(),
-            extra_tags=extra_tags,
+            metadata=getattr(self, "_card_metadata", None),
+            repo=repo,
+            peft_base=self._peft_base(),
+            force=force,
         )
 
     def _recipe(self) -> dict[str, Any]:
@@ -358,3 +399,16 @@ class AlignedTrainer(Trainer):
             "seed": args.seed,
             "world_size": args.world_size,
         }
+
+
+def _is_hf_align_card(path: str) -> bool:
+    from ..hub import CARD_MARKER
+
+    with open(path, encoding="utf-8") as f:
+        return CARD_MARKER in f.read()
+
+
+def _is_peft_template(path: str) -> bool:
+    """PEFT's generic adapter card (its template's first comment), as written by ``PeftModel.save_pretrained``."""
+    with open(path, encoding="utf-8") as f:
+        return "<!-- Provide a quick summary of what the model is/does. -->" in f.read()

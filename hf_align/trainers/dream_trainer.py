@@ -283,16 +283,56 @@ class DREAMTrainer(Trainer):
         pipe = SuperResolutionPipeline(unet, DDPMScheduler.from_config(self.noise_scheduler.config),
                                        scale_factor=self.args.scale_factor, residual=self.args.residual,
                                        residual_scale=self.args.residual_scale)
+        card = self._card_kwargs()
         if self.ema is not None:
             unet.save_pretrained(os.path.join(output_dir, _TRAIN_UNET))
             with self.ema_weights():
-                pipe.save_pretrained(output_dir)
+                pipe.save_pretrained(output_dir, **card)
             with open(os.path.join(output_dir, _EMA_STATE), "w") as f:
                 json.dump({"optimization_step": int(self.ema.optimization_step), "decay": float(self.ema.decay)}, f)
         else:
-            pipe.save_pretrained(output_dir)
+            pipe.save_pretrained(output_dir, **card)
         with open(os.path.join(output_dir, "training_args.json"), "w") as f:
             f.write(self.args.to_json_string())
+
+    def _card_kwargs(self) -> dict[str, Any]:
+        """What the saved pipeline's model card shows: the latest PSNR/SSIM, the DREAM recipe, the user metadata."""
+        metrics = {}
+        for entry in reversed(self.state.log_history):
+            if "eval_psnr" in entry:
+                metrics = {k[len("eval_"):]: v for k, v in entry.items() if k.startswith("eval_")}
+                break
+        args = self.args
+        recipe = {"dream_detail_preservation": args.dream_detail_preservation, "loss_type": args.loss_type,
+                  "residual": args.residual, "residual_scale": args.residual_scale, "crop_size": args.crop_size,
+                  "learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
+                  "global_step": self.state.global_step, "use_ema": args.use_ema,
+                  "num_train_timesteps": self.noise_scheduler.config.num_train_timesteps,
+                  "eval_sampler": f"{args.eval_scheduler}, {args.eval_num_inference_steps} steps"}
+        repo = self.hub_model_id if getattr(self, "hub_model_id", None) else None
+        return {"_card_extra": {"metrics": metrics or None, "recipe": recipe}, "_card_repo": repo,
+                "card_data": getattr(self, "_card_metadata", None) or None}
+
+    def create_model_card(self, language: str | None = None, license: str | None = None, tags=None,
+                          model_name: str | None = None, finetuned_from: str | None = None, tasks=None,
+                          dataset_tags=None, dataset=None, dataset_args=None, *, datasets=None, base_model=None,
+                          card_data=None) -> None:
+        """Write the super-resolution model card into ``args.output_dir`` (``Trainer.push_to_hub`` calls this with
+        its keyword arguments: ``license``, ``language``, ``dataset``, ``finetuned_from``, ``tags``...). The metadata
+        is kept by later saves."""
+        from ..hub import super_resolution_card, user_metadata
+
+        datasets = datasets if datasets is not None else (dataset if dataset is not None else dataset_tags)
+        self._card_metadata = {**getattr(self, "_card_metadata", {}),
+                               **user_metadata(card_data, license=license, language=language, datasets=datasets,
+                                               base_model=base_model or finetuned_from, tags=tags,
+                                               model_name=model_name)}
+        if not self.is_world_process_zero():
+            return
+        card = self._card_kwargs()
+        pipe = self.pipeline("ddpm")
+        super_resolution_card(self.args.output_dir, pipe, metadata=self._card_metadata, repo=card["_card_repo"],
+                              **card["_card_extra"])
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Resume from a folder written by :meth:`_save` (safetensors only)."""
