@@ -224,7 +224,7 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
     for layer in range(1, L + 1):
         print(f"  block {layer}: {100 * metrics[f'eval_layer_{layer}_accuracy']:5.1f}%")
     trainer.save_model(args.output_dir)
-    print(f"model, {type(processor).__name__} and model card saved to {args.output_dir}")
+    print(f"model, its {'tokenizer' if modality == 'text' else 'image processor'} and model card saved to {args.output_dir}")
     return 0
 
 
@@ -272,18 +272,25 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
             sections.append(f"Cosine vs linear CKA agreement: not computed ({err}).")
     if args.collapse:
         collapse_pooling = pooling if pooling in ("cls", "mean") else "mean"
-        # blocks 1..L: the embedding output (layer 0) often has constant features at CLS (undefined metrics)
-        result = collapse_report(model, batches, pooling=collapse_pooling, num_classes=len(space.names),
-                                 layers=list(range(1, view.num_layers + 1)))
-        plot_collapse_progression(result, os.path.join(args.output_dir, "collapse.png"))
-        keys = [k for k in ("nc1", "nc2_means_etf_distance", "nc2_means_equinorm", "nc3_zhu", "nc4") if k in result.per_layer[0]]
-        rows = ["| layer | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
-        rows += [f"| {layer} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |" for layer, m in zip(result.layers, result.per_layer)]
-        sections.append(f"## Neural collapse through depth (blocks 1..{view.num_layers}, {collapse_pooling} pooling, "
-                        f"{len(space.names)} classes)\n\n"
-                        "![collapse](collapse.png)\n\n" + "\n".join(rows))
-        report["collapse"] = result.to_dict()
-        print("collapse: collapse.png")
+        try:
+            # blocks 1..L: the embedding output (layer 0) often has constant features at CLS (undefined metrics)
+            result = collapse_report(model, batches, pooling=collapse_pooling, num_classes=len(space.names),
+                                     layers=list(range(1, view.num_layers + 1)))
+        except ValueError as err:  # e.g. a class with no samples in the analysed split: keep the similarity results
+            reason = " ".join(str(err).split())
+            sections.append(f"## Neural collapse through depth\n\nNot computed: {reason}")
+            report["collapse"] = {"error": reason}
+            print(f"collapse: not computed ({reason})", file=sys.stderr)
+        else:
+            plot_collapse_progression(result, os.path.join(args.output_dir, "collapse.png"))
+            keys = [k for k in ("nc1", "nc2_means_etf_distance", "nc2_means_equinorm", "nc3_zhu", "nc4") if k in result.per_layer[0]]
+            rows = ["| layer | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
+            rows += [f"| {layer} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |"
+                     for layer, m in zip(result.layers, result.per_layer)]
+            sections.append(f"## Neural collapse through depth (blocks 1..{view.num_layers}, {collapse_pooling} pooling, "
+                            f"{len(space.names)} classes)\n\n![collapse](collapse.png)\n\n" + "\n".join(rows))
+            report["collapse"] = result.to_dict()
+            print("collapse: collapse.png")
     _write_report(args.output_dir, "hf-align analyze", sections, report)
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
     return 0
@@ -427,7 +434,6 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _CommandParser]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns its exit status (argparse's own errors and ``--help`` raise ``SystemExit``)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser()
     if not argv or argv[0] not in COMMANDS:

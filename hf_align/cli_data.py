@@ -59,8 +59,8 @@ class DataArguments:
     image_column: str = field(default="image", metadata={"help": "Image column (image models)."})
     label_column: str = field(default="label", metadata={"help": "Label column: integer class ids, a ClassLabel, or strings."})
     max_length: int = field(default=128, metadata={"help": "Tokenizer truncation length (text models)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation examples."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded random subset of N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded random subset of N evaluation examples."})
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -139,15 +139,20 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
+def subsample(ds, max_samples: int | None, seed: int = 0):
+    """A seeded random subset of ``max_samples`` examples in their original order (files are often sorted by
+    class, so the first N would miss classes); all of ``ds`` when it is small enough or ``max_samples`` is None."""
+    if max_samples is None or max_samples >= len(ds):
+        return ds
+    if max_samples < 1:
+        raise CLIError(f"--max_train_samples / --max_eval_samples must be >= 1, got {max_samples}")
+    return ds.select(np.sort(np.random.default_rng(seed).choice(len(ds), size=max_samples, replace=False)))
+
+
 def select_split(data, split: str, max_samples: int | None = None):
     if split not in data:
         raise CLIError(f"the dataset has no split {split!r}; available splits: {list(data)}")
-    ds = data[split]
-    if max_samples is not None:
-        if max_samples < 1:
-            raise CLIError(f"max samples must be >= 1, got {max_samples}")
-        ds = ds.select(range(min(max_samples, len(ds))))
-    return ds
+    return subsample(data[split], max_samples)
 
 
 def train_eval_splits(data, args: DataArguments, seed: int = 0):
@@ -169,11 +174,7 @@ def train_eval_splits(data, args: DataArguments, seed: int = 0):
         train, evaluation = train.select(np.sort(fit)), train.select(np.sort(held))
         note = (f"no {args.dataset_test_split!r} split: {len(evaluation)} examples ({args.eval_split_size:g}) of "
                 f"{args.dataset_train_split!r} held out for evaluation")
-    if args.max_train_samples is not None:
-        train = train.select(range(min(args.max_train_samples, len(train))))
-    if args.max_eval_samples is not None:
-        evaluation = evaluation.select(range(min(args.max_eval_samples, len(evaluation))))
-    return train, evaluation, note
+    return subsample(train, args.max_train_samples, seed), subsample(evaluation, args.max_eval_samples, seed), note
 
 
 def check_columns(ds, columns: dict[str, str | None], split: str) -> None:

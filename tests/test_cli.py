@@ -167,7 +167,7 @@ def test_analyze_text(text_setup, tmp_path):
     root, trained, _ = text_setup
     report_dir = tmp_path / "analysis"
     assert main(["analyze", "--model_name_or_path", str(trained), "--dataset_name", str(root / "data"),
-                 "--output_dir", str(report_dir), "--batch_size", "8"]) == 0
+                 "--output_dir", str(report_dir), "--batch_size", "16"]) == 0
     for name in ("report.md", "similarity_cka.png", "similarity_cosine.png", "collapse.png"):
         assert (report_dir / name).exists()
     report = json.loads((report_dir / "report.json").read_text())
