@@ -161,8 +161,9 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, checked, spli
     if modality == "text":
         ensure_pad_token(processor, model)
     channels = getattr(model.config, "num_channels", 3)
-    encoded = [encode(ds, processor, modality, data_args, space, getattr(model.config, "label2id", None), channels)
-               for ds in split_raw]
+    positions = getattr(model.config, "max_position_embeddings", None)
+    encoded = [encode(ds, processor, modality, data_args, space, getattr(model.config, "label2id", None), channels,
+                      positions) for ds in split_raw]
     return model, processor, modality, space, encoded
 
 
@@ -371,11 +372,14 @@ def _tiny_family_model(name: str):
     task = next(t for t in TASKS if t in family.heads)
     auto = {"sequence-classification": "AutoModelForSequenceClassification",
             "image-classification": "AutoModelForImageClassification", "causal-lm": "AutoModelForCausalLM"}[task]
-    config = transformers.AutoConfig.for_model(
-        model_type, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        intermediate_size=64, vocab_size=100, num_labels=3, image_size=16, patch_size=4, max_position_embeddings=64,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    return getattr(transformers, auto).from_config(config)
+    try:
+        config = transformers.AutoConfig.for_model(
+            model_type, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100, num_labels=3, image_size=16, patch_size=4, max_position_embeddings=64,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return getattr(transformers, auto).from_config(config)
+    except Exception as err:
+        raise CLIError(f"could not build a tiny random {model_type} model ({err}); pass a saved model folder instead") from err
 
 
 def cmd_layers(args: LayersArguments) -> int:
@@ -391,7 +395,10 @@ def cmd_layers(args: LayersArguments) -> int:
         raise CLIError("expected a model folder, a Hub id or a family name (hf-align layers --list_families shows them)")
     model = None if os.path.isdir(name) else _tiny_family_model(name)
     if model is None:
-        config, _ = load_model_config(ModelArguments(model_name_or_path=name))
+        try:
+            config, _ = load_model_config(ModelArguments(model_name_or_path=name))
+        except CLIError as err:
+            raise CLIError(f"{err} (or pass a family name: hf-align layers --list_families)") from None
         cls = getattr(transformers, (config.architectures or [""])[0], None)
         if cls is None:
             raise CLIError(f"{name!r}: config.architectures={config.architectures} names no transformers class")

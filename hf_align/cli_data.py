@@ -302,7 +302,7 @@ def load_processor(model_args: ModelArguments, modality: str):
 
 
 def encode(ds, processor, modality: str, args: DataArguments, space: LabelSpace, label2id: dict | None = None,
-           num_channels: int = 3, desc: str = "encode"):
+           num_channels: int = 3, max_positions: int | None = None, desc: str = "encode"):
     """Model inputs + ``labels`` (int64) from a raw split; every other column is dropped."""
     column = args.label_column
     if space.from_strings:
@@ -315,9 +315,14 @@ def encode(ds, processor, modality: str, args: DataArguments, space: LabelSpace,
             return int(v)
 
     if modality == "text":
+        max_length = args.max_length
+        for limit in (getattr(processor, "model_max_length", None), max_positions):
+            if isinstance(limit, int) and 0 < limit < max_length:
+                max_length = limit  # never longer than the tokenizer or the model's position table allows
+
         def fn(batch):
             pair = batch[args.text_pair_column] if args.text_pair_column else None
-            out = processor(batch[args.text_column], pair, truncation=True, max_length=args.max_length)
+            out = processor(batch[args.text_column], pair, truncation=True, max_length=max_length)
             out["labels"] = [to_id(v) for v in batch[column]]
             return dict(out)
     else:

@@ -78,7 +78,8 @@ def text_setup(tmp_path_factory):
     base.save_pretrained(root / "base")
     word_tokenizer().save_pretrained(root / "base")
     (root / "data").mkdir()
-    write_csv(root / "data" / "train.csv", colour_texts(60, seed=1))
+    # one sentence longer than the model's 32 positions: truncated to what the tokenizer and model allow
+    write_csv(root / "data" / "train.csv", colour_texts(60, seed=1) + [("red " + "cat " * 40, "red")])
     write_csv(root / "data" / "test.csv", colour_texts(30, seed=2))
     out = root / "trained"
     code = main(["train", "--model_name_or_path", str(root / "base"), "--dataset_name", str(root / "data"),
