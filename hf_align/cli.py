@@ -62,6 +62,8 @@ class AlignedTrainingCLIArguments(AlignedTrainingArguments):
     )
 
     def __post_init__(self):
+        if not self.output_dir:
+            raise ValueError("--output_dir is required (where the trained model, its processor and card are saved)")
         weights = self.layer_weights
         if isinstance(weights, (list, tuple)):
             if len(weights) == 1 and str(weights[0]) in LAYER_WEIGHT_SCHEMES:
@@ -157,7 +159,8 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, checked, spli
         if new_head:
             print(f"{name} has no classification head ({(config.architectures or ['base model'])[0]}): a new one with "
                   f"{len(space.names)} labels is put on its pretrained body")
-    check_label_range(split_raw, data_args.label_column, space, model.config.num_labels, name)
+    check_label_range(split_raw, data_args.label_column, space, model.config.num_labels, name,
+                      getattr(model.config, "label2id", None))
     if modality == "text":
         ensure_pad_token(processor, model)
     channels = getattr(model.config, "num_channels", 3)
@@ -207,8 +210,6 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
 
     from .trainers import AlignedTrainer
 
-    if not args.output_dir:
-        raise CLIError("--output_dir is required (where the trained model, its processor and card are saved)")
     set_seed(args.seed)
     checked = _check_model(model_args, data_args, need_classifier=False, command="train")
     data = load_raw_dataset(data_args)
@@ -451,9 +452,10 @@ def main(argv: list[str] | None = None) -> int:
         rest = ["--model_name_or_path", rest[0], *rest[1:]]
     sub = parsers[command]
     try:
-        *objs, remaining = sub.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
-        if remaining:
-            sub.error(f"unrecognized arguments: {' '.join(remaining)}")
+        _, unknown = sub.parse_known_args(rest)  # unknown options first, before any dataclass validates itself
+        if unknown:
+            sub.error(f"unrecognized arguments: {' '.join(unknown)}")
+        objs = sub.parse_args_into_dataclasses(args=rest)
         return COMMANDS[command][2](*objs)
     except (CLIError, ValueError) as err:
         if os.environ.get("HF_ALIGN_DEBUG"):

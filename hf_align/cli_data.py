@@ -211,9 +211,16 @@ def label_space(datasets_: list, column: str) -> LabelSpace:
     return LabelSpace([str(i) for i in range(high + 1)], False)
 
 
-def check_label_range(datasets_: list, column: str, space: LabelSpace, num_labels: int, model: str) -> None:
-    """Integer labels must lie in ``0..num_labels-1`` of the model's classifier."""
+def check_label_range(datasets_: list, column: str, space: LabelSpace, num_labels: int, model: str,
+                      label2id: dict | None = None) -> None:
+    """Integer labels must lie in ``0..num_labels-1`` of the model's classifier; string labels must be among the
+    model's own label names when it has named labels (not transformers' default ``LABEL_k``)."""
     if space.from_strings:
+        named = {k for k in (label2id or {}) if not str(k).startswith("LABEL_")}
+        if named and not set(space.names) <= named:
+            missing = sorted(set(space.names) - named)
+            raise CLIError(f"label column {column!r} holds {missing[:5]}{'...' if len(missing) > 5 else ''}, which are "
+                           f"not among {model}'s labels {sorted(named)}")
         if len(space.names) > num_labels:
             raise CLIError(f"label column {column!r} holds {len(space.names)} distinct labels, but {model} has "
                            f"num_labels={num_labels}; use a model with a matching head or a base checkpoint")

@@ -265,6 +265,11 @@ def test_missing_dataset_column_names_the_available_ones(text_setup, tmp_path, c
     assert main(["analyze", "--model_name_or_path", str(root / "base"), "--dataset_name", str(root / "data"),
                  "--label_column", "y", "--output_dir", str(tmp_path / "out")]) == 2
     one_line_error(capsys, "hf-align analyze: error: column 'y' (--label_column)", "available columns")
+    # string labels the trained model does not know (its labels are blue, green, red)
+    csv = write_csv(tmp_path / "d.csv", [("the cat", "cyan"), ("a dog", "red")])
+    assert main(["evaluate", "--model_name_or_path", str(root / "trained"), "--dataset_name", csv,
+                 "--dataset_test_split", "train", "--output_dir", str(tmp_path / "out")]) == 2
+    one_line_error(capsys, "label column 'label' holds ['cyan']", "labels ['blue', 'green', 'red']")
     assert not (tmp_path / "out").exists()
 
 
@@ -286,6 +291,8 @@ def test_missing_model_folder_and_bad_options(tmp_path, capsys):
     one_line_error(capsys, "error: model folder", "does not exist")
     assert main(["train", "--dataset_name", csv, "--output_dir", str(tmp_path / "o")]) == 2
     one_line_error(capsys, "--model_name_or_path is required")
+    assert main(["train", "--dataset_name", "embedded:digits"]) == 2
+    one_line_error(capsys, "hf-align train: error: --output_dir is required")
     assert main(["train", "--dataset_name", "embedded:digits", "--output_dir", str(tmp_path / "o"),
                  "--layer_weights", "heavy"]) == 2
     one_line_error(capsys, "--layer_weights expects one of", "got heavy")
