@@ -35,6 +35,10 @@ class ModelArguments:
                   "with an embedded dataset: a fresh tiny model made for it is used (and named in the output)."},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache folder (default: the HF cache)."})
+
+    def hub_kwargs(self) -> dict:
+        return {"revision": self.revision, "cache_dir": self.cache_dir, "trust_remote_code": False}
 
 
 @dataclass
@@ -249,7 +253,7 @@ def load_model_config(model_args: ModelArguments):
     if not os.path.isdir(path) and _looks_like_path(path):
         raise CLIError(f"model folder {path!r} does not exist")
     try:
-        config = AutoConfig.from_pretrained(path, revision=model_args.revision, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(path, **model_args.hub_kwargs())
     except Exception as err:
         where = "local folder" if os.path.isdir(path) else "Hub repo id (or a local folder)"
         raise CLIError(f"could not load a model config from {path!r} as a {where}: {_first_line(err)}") from err
@@ -277,7 +281,7 @@ def load_classifier(model_args: ModelArguments, config, modality: str, space: La
     import transformers
 
     auto = getattr(transformers, TASK_AUTO["sequence-classification" if modality == "text" else "image-classification"])
-    common = dict(revision=model_args.revision, use_safetensors=True, trust_remote_code=False)
+    common = dict(use_safetensors=True, **model_args.hub_kwargs())
     path = model_args.model_name_or_path
     try:
         if is_classifier(config, modality) or space is None:
@@ -297,8 +301,8 @@ def load_processor(model_args: ModelArguments, modality: str):
     path = model_args.model_name_or_path
     try:
         if modality == "text":
-            return AutoTokenizer.from_pretrained(path, revision=model_args.revision, trust_remote_code=False)
-        return AutoImageProcessor.from_pretrained(path, revision=model_args.revision, trust_remote_code=False)
+            return AutoTokenizer.from_pretrained(path, **model_args.hub_kwargs())
+        return AutoImageProcessor.from_pretrained(path, **model_args.hub_kwargs())
     except Exception as err:
         what = "tokenizer (tokenizer.json / tokenizer_config.json)" if modality == "text" else "image processor (preprocessor_config.json)"
         raise CLIError(f"{path!r} has no {what}; save it beside the model (processor.save_pretrained(folder)): "

@@ -164,6 +164,24 @@ def test_evaluate_text(text_setup, tmp_path):
         assert depth == pytest.approx(np.mean(exits + 1), abs=1e-12)
 
 
+def test_evaluate_by_hub_repo_id_from_the_cache(text_setup, tmp_path):
+    """`--model_name_or_path user/name` read offline from a Hub cache in the real layout (refs/main -> snapshot)."""
+    import shutil
+
+    root, trained, _ = text_setup
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "cache" / "models--someone--aligned-bert"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(trained, repo / "snapshots" / commit)
+    for folder, name in ((str(trained), "by_folder"), ("someone/aligned-bert", "by_id")):
+        assert main(["evaluate", "--model_name_or_path", folder, "--cache_dir", str(tmp_path / "cache"),
+                     "--dataset_name", str(root / "data"), "--output_dir", str(tmp_path / name)]) == 0
+    by_folder, by_id = (json.loads((tmp_path / n / "report.json").read_text()) for n in ("by_folder", "by_id"))
+    assert by_id["model"] == "someone/aligned-bert"
+    assert by_id["layer_accuracy"] == by_folder["layer_accuracy"] and by_id["exit_curve"] == by_folder["exit_curve"]
+
+
 def test_analyze_text(text_setup, tmp_path):
     root, trained, _ = text_setup
     report_dir = tmp_path / "analysis"
