@@ -346,6 +346,10 @@ def test_layers_family(capsys):
     assert "vit (vit, deit: image-classification)" in capsys.readouterr().out
     assert main(["layers", "no-such-family"]) == 2
     one_line_error(capsys, "hf-align layers: error:")
+    # a model type of a family (deit: one config type that maps to two image-classification classes)
+    assert main(["layers", "deit"]) == 0
+    out = capsys.readouterr().out
+    assert "DeiTForImageClassification" in out and "family='vit'" in out and "self-check: max |head(h_L)" in out
 
 
 def test_layers_local_folder(tmp_path, capsys):
