@@ -30,7 +30,7 @@ from ..analysis.data import (
 )
 from .early_exit import EarlyExitConfig, EarlyExitModel, _exit_mask
 
-__all__ = ["ExitCurve", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
+__all__ = ["ExitCurve", "accuracy_loss_upper_bound", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
 
 
 def _batches(model: EarlyExitModel, data, batch_size: int, collate_fn):
@@ -189,14 +189,61 @@ def _latency_ms(model: EarlyExitModel, data, settings, samples: int, batch_size:
         model.settings = saved
 
 
+def accuracy_loss_upper_bound(full_correct, exit_correct, confidence: float) -> float:
+    """One-sided upper confidence bound on the accuracy lost by exiting early, from paired per-sample results.
+
+    With ``N`` samples, ``n_h`` that full depth gets right and the exit gets wrong and ``n_g`` the other way
+    round, the loss is ``delta = (n_h - n_g) / N``. The bound is the Agresti-Min adjusted Wald interval for a
+    paired difference of proportions (half a count added to each cell of the 2x2 table):
+
+        p_h = (n_h + 1/2) / (N + 2),   p_g = (n_g + 1/2) / (N + 2),   d = p_h - p_g,
+        upper = d + z * sqrt((p_h + p_g - d^2) / (N + 2)),   z = Phi^-1(confidence).
+    """
+    if not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1), got {confidence}")
+    full_correct, exit_correct = np.asarray(full_correct, dtype=bool), np.asarray(exit_correct, dtype=bool)
+    if full_correct.shape != exit_correct.shape or full_correct.ndim != 1 or full_correct.size == 0:
+        raise ValueError(f"expected two equal-length 1-d arrays, got shapes {full_correct.shape} and {exit_correct.shape}")
+    from scipy.stats import norm
+
+    n = full_correct.size + 2.0
+    p_h = (np.sum(full_correct & ~exit_correct) + 0.5) / n
+    p_g = (np.sum(exit_correct & ~full_correct) + 0.5) / n
+    d = p_h - p_g
+    return float(d + norm.ppf(confidence) * math.sqrt(max(p_h + p_g - d * d, 0.0) / n))
+
+
 def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str | None = None, values=None,
-              **kwargs) -> ExitCurve:
+              confidence: float | None = None, **kwargs) -> ExitCurve:
     """Pick the setting with the lowest mean exit block whose accuracy is within ``tolerance`` (absolute, e.g.
-    0.01 = 1 point) of full depth on ``data``; apply it to ``model`` and return the curve (``curve.chosen``)."""
+    0.01 = 1 point) of full depth on ``data``; apply it to ``model`` and return the curve (``curve.chosen``).
+
+    ``confidence`` (e.g. 0.95): accept a setting only if the one-sided upper confidence bound on its accuracy
+    loss (:func:`accuracy_loss_upper_bound`, paired per sample) is within ``tolerance``, so the tolerance is
+    meant to hold on new data from the same distribution, not just on ``data``. The bounds are in
+    ``curve.extra["loss_upper_bound"]``."""
     if not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance must be in [0, 1] (absolute accuracy), got {tolerance}")
-    curve = exit_curve(model, data, policy=policy, values=values, **kwargs)
-    ok = [i for i, acc in enumerate(curve.accuracy) if acc >= curve.full_accuracy - tolerance]
+    if confidence is not None and not 0.5 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0.5, 1) or None, got {confidence}")
+    if confidence is None:
+        curve = exit_curve(model, data, policy=policy, values=values, **kwargs)
+        ok = [i for i, acc in enumerate(curve.accuracy) if acc >= curve.full_accuracy - tolerance]
+    else:
+        if kwargs.get("layer_logits") is None:
+            keys = ("batch_size", "collate_fn", "progress")
+            kwargs["layer_logits"] = collect_layer_logits(model, data, **{k: kwargs[k] for k in keys if k in kwargs})
+        curve = exit_curve(model, data, policy=policy, values=values, **kwargs)
+        logits, labels = kwargs["layer_logits"]
+        pred = logits.argmax(-1)
+        full_correct = pred[:, -1] == labels
+        min_layer = model.settings.min_layer if kwargs.get("min_layer") is None else kwargs["min_layer"]
+        bounds = []
+        for v in curve.values:
+            exits = simulate_exits(logits, _settings_for(curve.policy, v, min_layer).validate(logits.shape[1]))
+            bounds.append(accuracy_loss_upper_bound(full_correct, pred[np.arange(len(labels)), exits - 1] == labels, confidence))
+        curve.extra.update(loss_upper_bound=bounds, confidence=confidence)
+        ok = [i for i, bound in enumerate(bounds) if bound <= tolerance]
     if not ok:
         raise ValueError("no setting keeps accuracy within the tolerance; widen `values` or the tolerance")
     best = min(ok, key=lambda i: (curve.mean_exit_layer[i], -curve.accuracy[i]))
