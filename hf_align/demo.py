@@ -154,7 +154,7 @@ def run_demo(output_dir: str = "hf-align-demo", steps: int = 800, seed: int = 0)
                f"{'HELD' if held_ok else 'NOT HELD'}")
     print(f"\nearly exit (confidence >= {curve.chosen}): promise: {promise}")
     print(f"  validation: loss {100 * (curve.full_accuracy - curve.accuracy[c]):+.2f} points, upper bound "
-          f"{100 * curve.extra['loss_upper_bound'][c]:.2f} points")
+          f"{100 * curve.loss_upper_bound[c]:.2f} points")
     print(f"  {verdict}; running {mean_exit:.2f} of {L} blocks on average "
           f"({100 * (1 - mean_exit / L):.0f}% of the blocks skipped)")
     clf = pipeline("early-exit-classification", model=early, image_processor=digits_image_processor())
@@ -166,7 +166,7 @@ def run_demo(output_dir: str = "hf-align-demo", steps: int = 800, seed: int = 0)
         print(f"    true {int(held[i]['labels'])}: {result}")
     report = {"promise": promise, "tolerance": TOLERANCE, "confidence": CONFIDENCE, "threshold": curve.chosen,
               "validation_size": len(val), "validation_loss": curve.full_accuracy - curve.accuracy[c],
-              "validation_loss_upper_bound": curve.extra["loss_upper_bound"][c], "held_out_size": len(held),
+              "validation_loss_upper_bound": curve.loss_upper_bound[c], "held_out_size": len(held),
               "held_out_exit_accuracy": exit_acc, "held_out_full_accuracy": full_acc, "held_out_loss": loss,
               "tolerance_held": held_ok, "mean_exit_layer": mean_exit, "num_layers": L,
               "layer_accuracy": accuracy, "cka_cosine_rank_correlation": rho}

@@ -343,7 +343,7 @@ def test_layers_family(capsys):
     out = capsys.readouterr().out
     assert "family='llama'" in out and "num_layers=4" in out and "self-check" in out
     assert main(["layers", "--list_families"]) == 0
-    assert "vit (vit, deit: image-classification)" in capsys.readouterr().out
+    assert "vit (vit, deit: image-classification" in capsys.readouterr().out  # + feature-extraction (base models)
     assert main(["layers", "no-such-family"]) == 2
     one_line_error(capsys, "hf-align layers: error:")
     # a model type of a family (deit: one config type that maps to two image-classification classes)
@@ -409,7 +409,7 @@ def test_calibrate_with_confidence_picks_the_shallowest_setting_whose_bound_hold
             expected, best_depth = v, exits.mean()
     curve = calibrate(early, data, tolerance=0.05, confidence=0.95, values=values, batch_size=32, progress=False)
     assert curve.chosen == expected and early.settings.threshold == expected
-    assert len(curve.extra["loss_upper_bound"]) == len(values)
+    assert len(curve.loss_upper_bound) == len(values)
 
 
 @pytest.mark.slow

@@ -104,6 +104,9 @@ class ExitCurve:
     full_accuracy: float
     latency_ms: list[float] | None = None
     chosen: Any = None
+    # set by calibrate(confidence=...): upper confidence bound on the accuracy lost at each setting
+    loss_upper_bound: list[float] | None = None
+    confidence: float | None = None
 
     def to_markdown(self) -> str:
         key = {"confidence": "threshold", "entropy": "entropy threshold", "patience": "patience", "fixed": "exit layer"}[self.policy]
@@ -221,7 +224,7 @@ def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str 
     ``confidence`` (e.g. 0.95): accept a setting only if the one-sided upper confidence bound on its accuracy
     loss (:func:`accuracy_loss_upper_bound`, paired per sample) is within ``tolerance``, so the tolerance is
     meant to hold on new data from the same distribution, not just on ``data``. The bounds are in
-    ``curve.extra["loss_upper_bound"]``."""
+    ``curve.loss_upper_bound``."""
     if not 0 <= tolerance <= 1:
         raise ValueError(f"tolerance must be in [0, 1] (absolute accuracy), got {tolerance}")
     if confidence is not None and not 0.5 <= confidence < 1:
@@ -242,7 +245,7 @@ def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str 
         for v in curve.values:
             exits = simulate_exits(logits, _settings_for(curve.policy, v, min_layer).validate(logits.shape[1]))
             bounds.append(accuracy_loss_upper_bound(full_correct, pred[np.arange(len(labels)), exits - 1] == labels, confidence))
-        curve.extra.update(loss_upper_bound=bounds, confidence=confidence)
+        curve.loss_upper_bound, curve.confidence = bounds, confidence
         ok = [i for i, bound in enumerate(bounds) if bound <= tolerance]
     if not ok:
         raise ValueError("no setting keeps accuracy within the tolerance; widen `values` or the tolerance")
