@@ -149,6 +149,7 @@ class SpeculativeStats:
     new_tokens: int = 0
     seconds: float = 0.0
     calibration: dict[str, Any] | None = None
+    fast_path: bool | None = None  # draft steps skipped the model's preamble (checked bit-exact on first use)
     block_positions: list[int] = field(default_factory=list)  # positions run through each block (KV-reuse check)
 
     @property
@@ -165,7 +166,7 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("exit_layer", "num_draft_tokens", "num_layers", "batch_size", "rounds", "drafted", "accepted",
-                "new_tokens", "seconds", "acceptance_rate", "tokens_per_round", "tokens_per_second")
+                "new_tokens", "seconds", "fast_path", "acceptance_rate", "tokens_per_round", "tokens_per_second")
         out = {key: getattr(self, key) for key in keys}
         if self.calibration is not None:
             out["calibration"] = self.calibration
@@ -339,6 +340,8 @@ class _Decoder:
         self.warpers = self._warpers(config) if self.do_sample else None
         self.cache = DynamicCache(config=self.model.config)
         self.counts = [0] * self.num_layers if count_blocks else None
+        self.embed = self.model.get_input_embeddings()
+        self.fast = None  # None: not yet checked; True/False: draft steps skip the model's preamble (see _fast_state)
 
     @staticmethod
     def _warpers(config: GenerationConfig) -> LogitsProcessorList:
@@ -370,7 +373,8 @@ class _Decoder:
             return self.mask[:, :length]
         return torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], extra)], dim=1)
 
-    def _state(self, ids: torch.Tensor, first_position: torch.Tensor, total_length: int, mask: Any = None):
+    def _state(self, ids: torch.Tensor, first_position: torch.Tensor, total_length: int, mask: Any = None,
+               embeds: bool = False):
         """The model's own forward up to block 1 for ``ids`` (B, m) at positions first_position + 0..m-1.
 
         ``mask``: an already built 4D mask for these queries (a slice of the verify pass's mask); the model returns
@@ -378,16 +382,47 @@ class _Decoder:
         """
         m = ids.shape[1]
         inputs = {
-            "input_ids": ids,
             "position_ids": first_position[:, None] + torch.arange(m, device=ids.device),
             "cache": self.cache,
             "use_cache": True,
         }
+        if embeds:  # zero token embeddings: the state's hidden is then the position part of the embedding output
+            inputs["inputs_embeds"] = self.embed.weight.new_zeros(ids.shape[0], m, self.embed.weight.shape[1])
+        else:
+            inputs["input_ids"] = ids
         if mask is None:
             mask = self._mask_upto(total_length)
         if mask is not None:
             inputs["attention_mask"] = mask
         return self.view.prepare(**inputs)
+
+    def _fast_state(self, verify, token: torch.Tensor, i: int, n: int, step_mask):
+        """Draft step i's block inputs without running the model's preamble.
+
+        ``verify`` was prepared with zero token embeddings for positions p..p+n, so its hidden is the position part
+        of the embedding output; the step's input is ``embed(token) + verify.hidden[:, i]`` and its block arguments
+        are the verify pass's, sliced to query i (rotary tables, position ids) and keys :p+i+1 (the 4D mask).
+        Exact only for embeddings of the form ``embed(ids) + f(positions)``, so the first use is compared with
+        the model's own preamble (tensor for tensor, bit for bit) and the fast path is dropped if anything differs.
+        """
+        hidden = self.embed(token[:, None]) + verify.hidden[:, i: i + 1]
+        batch = token.shape[0]
+
+        def cut(value):
+            if isinstance(value, torch.Tensor):
+                if value.dim() == 4 and value.shape[-2] == n + 1:
+                    return step_mask
+                if value.dim() >= 2 and value.shape[1] == n + 1 and value.shape[0] in (1, batch):
+                    return value[:, i: i + 1]
+                return value
+            if isinstance(value, tuple):
+                return tuple(cut(v) for v in value)
+            if isinstance(value, list):
+                return [cut(v) for v in value]
+            return value
+
+        return replace(verify, hidden=hidden, block_args=cut(verify.block_args),
+                       block_kwargs={key: cut(value) for key, value in verify.block_kwargs.items()})
 
     @staticmethod
     def _find_mask(state, queries: int, keys: int) -> torch.Tensor | None:
@@ -429,13 +464,23 @@ class _Decoder:
         p = self.cache.get_seq_length()  # positions processed by every layer
         start = self.last_position  # position id of `pending`
         # the verify pass's block arguments (queries p..p+n, kv length p+n+1), captured while every layer has length p
-        verify = self._state(pending[:, None].expand(-1, n + 1), start, p + n + 1)
+        verify = self._state(pending[:, None].expand(-1, n + 1), start, p + n + 1,
+                             embeds=self.fast is not False)
         mask = self._find_mask(verify, n + 1, p + n + 1)  # rows i, columns :p+i+1 serve draft step i
         hidden_k, drafts, qs = [], [], []
         token = pending
         for i in range(n + 1):  # i < n: draft steps; i == n: blocks 1..k for the last draft token
             step_mask = None if mask is None else mask[:, :, i: i + 1, : p + i + 1]
-            state = self._run(self._state(token[:, None], start + i, p + i + 1, step_mask), k)
+            state = None
+            if self.fast is not False:
+                state = self._fast_state(verify, token, i, n, step_mask)
+                if self.fast is None:  # first use: must equal the model's own preamble exactly, else never again
+                    own = self._state(token[:, None], start + i, p + i + 1, step_mask)
+                    self.fast = _same_state(state, own)
+                    state = own
+            if state is None or self.fast is False:
+                state = self._state(token[:, None], start + i, p + i + 1, step_mask)
+            state = self._run(state, k)
             hidden_k.append(state.hidden)
             if i == n:
                 break
@@ -479,6 +524,24 @@ class _Decoder:
                 if not bool(self.unfinished.any()):
                     return True
         return False
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and bool(torch.equal(a, b)))
+    if isinstance(a, (tuple, list)) or isinstance(b, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
+            _same_value(a[key], b[key]) for key in a)
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str)) and a == b)
+
+
+def _same_state(a, b) -> bool:
+    """Two block-input states are the same: hidden and every argument equal bit for bit (the cache is one object)."""
+    return _same_value(a.hidden, b.hidden) and _same_value(a.block_args, b.block_args) and _same_value(
+        a.block_kwargs, b.block_kwargs)
 
 
 def speculative_generate(
@@ -554,6 +617,7 @@ def speculative_generate(
         stats.seconds = time.perf_counter() - start_time
     stats.new_tokens = decoder.sequences.shape[1] - input_ids.shape[1]
     stats.block_positions = list(decoder.counts)
+    stats.fast_path = decoder.fast
     sequences = decoder.sequences
     if config.return_dict_in_generate:
         output = SpeculativeDecoderOnlyOutput(sequences=sequences, stats=stats)
