@@ -75,11 +75,14 @@ def run_grid(model, prompts, args, log) -> dict:
     methods = [("generate", None, None)]
     methods += [("speculative", k, n) for k in args.exit_layers for n in args.draft_tokens]
     methods += [("assistant_early_exit", k, n) for k in args.exit_layers for n in args.aee_draft_tokens]
+    if args.sample_draft_tokens:
+        methods += [("generate (sampling)", None, None)]
+        methods += [("speculative (sampling)", k, n) for k in args.exit_layers for n in args.sample_draft_tokens]
     reference = [model.generate(input_ids=p, **gen) for p in prompts]  # also warms up
     results = {m: {"times": [], "ratios": [], "identical": True, "accepted": 0, "drafted": 0, "tokens": 0,
                    "error": None} for m in methods}
     for repeat in range(args.repeats):
-        plain = None
+        plain = {}
         for method in methods:
             kind, k, n = method
             entry = results[method]
@@ -95,13 +98,21 @@ def run_grid(model, prompts, args, log) -> dict:
                         elif kind == "speculative":
                             out, stats = speculative_generate(model, input_ids=prompt, exit_layer=k, num_draft_tokens=n,
                                                               return_stats=True, **gen)
+                        elif kind == "generate (sampling)":
+                            torch.manual_seed(repeat)
+                            out = model.generate(input_ids=prompt, **{**gen, "do_sample": True})
+                        elif kind == "speculative (sampling)":
+                            out, stats = speculative_generate(
+                                model, input_ids=prompt, exit_layer=k, num_draft_tokens=n, return_stats=True,
+                                generator=torch.Generator().manual_seed(repeat), **{**gen, "do_sample": True})
                         else:
                             out = model.generate(input_ids=prompt, assistant_early_exit=k, num_assistant_tokens=n,
                                                  num_assistant_tokens_schedule="constant", **gen)
                     total += time.perf_counter() - start
                     tokens += out.shape[1] - prompt.shape[1]
-                    entry["identical"] &= out.shape == ref.shape and bool(torch.equal(out, ref))
-                    if kind == "speculative" and repeat == 0:
+                    if "sampling" not in kind:
+                        entry["identical"] &= out.shape == ref.shape and bool(torch.equal(out, ref))
+                    if kind.startswith("speculative"):
                         entry["accepted"] += stats.accepted
                         entry["drafted"] += stats.drafted
             except Exception as error:  # recorded for the report (transformers' assistant_early_exit on GPT-2)
@@ -115,25 +126,44 @@ def run_grid(model, prompts, args, log) -> dict:
                 log(f"  {kind} k={k} n={n}: {entry['error']}")
                 continue
             entry["times"].append(total)
-            entry["tokens"] = tokens
-            if kind == "generate":
-                plain = total
-            entry["ratios"].append(plain / total)
-        log(f"  repeat {repeat + 1}/{args.repeats}: plain {plain:.3f}s")
+            entry["tokens"] += tokens
+            entry.setdefault("rates", []).append(tokens / total)
+            sampling = "sampling" in kind
+            if kind.startswith("generate"):
+                plain[sampling] = tokens / total
+            entry["ratios"].append((tokens / total) / plain[sampling])  # tokens/s ratio (= time ratio when greedy)
+        log(f"  repeat {repeat + 1}/{args.repeats}: plain {plain[False]:.1f} tokens/s")
     rows = []
     for (kind, k, n), entry in results.items():
         row = {"method": kind, "exit_layer": k, "num_draft_tokens": n, "num_layers": num_layers,
-               "error": entry["error"], "identical": entry["identical"] if not entry["error"] else None}
+               "error": entry["error"],
+               "identical": entry["identical"] if not entry["error"] and "sampling" not in kind else None}
         if entry["times"]:
-            median = statistics.median(entry["times"])
-            row.update(seconds_median=median, tokens=entry["tokens"], tokens_per_s=entry["tokens"] / median,
+            row.update(tokens_per_s=statistics.median(entry["rates"]), tokens=entry["tokens"],
                        speedup_median=statistics.median(entry["ratios"]), seconds=entry["times"],
                        ratios=entry["ratios"])
-        if kind == "speculative":
+        if kind.startswith("speculative"):
             row.update(accepted=entry["accepted"], drafted=entry["drafted"],
                        acceptance_rate=entry["accepted"] / entry["drafted"] if entry["drafted"] else None)
         rows.append(row)
     return {"rows": rows}
+
+
+def teacher_forced_agreement(model, tokenizer, count: int, length: int) -> dict:
+    """alpha_k on held-out text: the fraction of positions where the head on block k's output has the full model's
+    argmax (the greedy acceptance probability of a k-block draft on real text, free of degenerate repetition)."""
+    from hf_align import LayerView
+
+    view = LayerView(model)
+    agree = torch.zeros(view.num_layers)
+    total = 0
+    with torch.no_grad():
+        for ids in prompts_for(tokenizer, count, length):
+            logits = view.layer_logits(input_ids=ids)
+            final = logits[-1].argmax(-1)
+            agree += torch.stack([(lg.argmax(-1) == final).float().sum() for lg in logits])
+            total += final.numel()
+    return {"positions": total, "alpha": {k + 1: float(agree[k] / total) for k in range(view.num_layers - 1)}}
 
 
 def auto_choice(model, prompts, args) -> dict:
@@ -164,9 +194,10 @@ def report(name, command, results, path):
     lines += [
         f"Model: `{main['dir']}` ({main['num_layers']} blocks); prompts: {results['prompts']} held-out prompts of "
         f"{results['prompt_tokens']} tokens, {results['new_tokens']} new tokens each, batch 1, greedy, float32. "
-        f"Speed-up = median over {results['repeats']} interleaved repeats of (plain `generate` time / method time) "
-        "in the same repeat; tokens/s from the median time. `identical` = every prompt's output equals plain "
-        "`generate` token for token.", ""]
+        f"Speed-up = median over {results['repeats']} interleaved repeats of (method tokens/s / plain `generate` "
+        "tokens/s) in the same repeat (greedy: the same tokens, so the time ratio); sampling rows against "
+        "`generate(do_sample=True)`. `identical` = every prompt's greedy output equals plain `generate` token for "
+        "token.", ""]
     header = "| method | k | n | tokens/s | speed-up | acceptance | identical |"
     sep = "| --- | ---: | ---: | ---: | ---: | ---: | :---: |"
     if other:
@@ -181,12 +212,22 @@ def report(name, command, results, path):
         else:
             cells = (f"| {row['method']} | {fmt(row['exit_layer'], '{}')} | {fmt(row['num_draft_tokens'], '{}')} | "
                      f"{row['tokens_per_s']:.1f} | **{row['speedup_median']:.2f}x** | "
-                     f"{fmt(row.get('acceptance_rate'))} | {'yes' if row['identical'] else 'NO'} |")
+                     f"{fmt(row.get('acceptance_rate'))} | "
+                     f"{'-' if row['identical'] is None else ('yes' if row['identical'] else 'NO')} |")
         if other:
             c = compare.get((row["method"], row["exit_layer"], row["num_draft_tokens"]), {})
             cells += f" {fmt(c.get('acceptance_rate'))} | " + (
                 f"{c['speedup_median']:.2f}x |" if c.get("speedup_median") is not None else "- |")
         lines.append(cells)
+    lines += ["", "Teacher-forced agreement alpha_k on held-out text (128-token windows; the fraction of positions where "
+              "the shared head on block k's output has the full model's argmax: the greedy acceptance rate a k-block "
+              "draft would have on real text):", "",
+              "| model | positions | " + " | ".join(f"k={k}" for k in main["teacher_forced"]["alpha"]) + " |",
+              "| --- | ---: | " + " | ".join("---:" for _ in main["teacher_forced"]["alpha"]) + " |"]
+    for model in results["models"]:
+        tf = model["teacher_forced"]
+        lines.append(f"| {model['label']} | {tf['positions']} | " + " | ".join(f"{v:.2f}" for v in tf["alpha"].values())
+                     + " |")
     for model in results["models"]:
         if model.get("auto"):
             lines += ["", f"`exit_layer=\"auto\"` on `{model['dir']}` (calibration on the first prompt):", "",
@@ -210,6 +251,9 @@ def main(argv=None):
     parser.add_argument("--exit-layers", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--draft-tokens", type=int, nargs="+", default=[2, 4, 6])
     parser.add_argument("--aee-draft-tokens", type=int, nargs="+", default=[4])
+    parser.add_argument("--sample-draft-tokens", type=int, nargs="*", default=[4],
+                        help="n of the sampling rows (do_sample=True, generate's default top_k=50); none: no rows")
+    parser.add_argument("--agreement-texts", type=int, default=8, help="held-out texts for teacher-forced alpha_k")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -229,6 +273,7 @@ def main(argv=None):
         model, tokenizer = load(model_dir)
         prompts = prompts_for(tokenizer, args.prompts, args.prompt_tokens)
         entry = {"label": label, "dir": model_dir, "num_layers": model.config.num_hidden_layers,
+                 "teacher_forced": teacher_forced_agreement(model, tokenizer, args.agreement_texts, 128),
                  **run_grid(model, prompts, args, print)}
         if not args.no_auto:
             entry.update(auto_choice(model, prompts, args))
