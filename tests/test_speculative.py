@@ -121,6 +121,29 @@ def test_auto_exit_layer_is_exact_and_reports_calibration():
     assert best == stats.exit_layer
 
 
+def test_auto_calibration_alpha_against_layer_logits():
+    """alpha_k recomputed independently: generate's greedy continuation, the layer view's per-layer logits, and the
+    agreement of each layer's argmax with the last layer's. With the last block made the identity, alpha_3 = 1."""
+    model = _decoder("llama", "LlamaForCausalLM", seed=3)
+    last = hf_align.LayerView(model).blocks[-1]
+    with torch.no_grad():
+        last.self_attn.o_proj.weight.zero_()
+        last.mlp.down_proj.weight.zero_()
+    ids, mask = _prompts(2)
+    k, report = hf_align.choose_exit_layer(model, ids, mask, num_draft_tokens=3, calibration_tokens=12)
+    full = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    full_mask = torch.cat([mask, torch.ones(2, full.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    logits = hf_align.LayerView(model).layer_logits(input_ids=full, attention_mask=full_mask, position_ids=positions)
+    window = slice(ids.shape[1] - 1, full.shape[1] - 1)
+    final = logits[-1][:, window].argmax(-1)
+    for layer in range(1, L):
+        expected = (logits[layer - 1][:, window].argmax(-1) == final).double().mean().item()
+        assert report["alpha"][layer] == pytest.approx(expected, abs=1e-12), layer
+    assert report["alpha"][L - 1] == 1.0
+    assert k == max(report["predicted_tokens_per_s"], key=report["predicted_tokens_per_s"].get)
+
+
 def test_top_k_1_sampling_equals_greedy():
     # sampling from the warped distributions with top_k=1 is deterministic: the sampling path must give greedy output
     model = _decoder("qwen2", "Qwen2ForCausalLM")

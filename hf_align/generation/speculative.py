@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+import warnings
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -696,7 +697,7 @@ def choose_exit_layer(
         alpha = {}
         for k in candidates:
             guess = view.head(states[k].hidden[:, lo:hi], _EMPTY_CONTEXT).float().argmax(-1)
-            alpha[k] = float((guess == final)[valid].float().mean()) if bool(valid.any()) else 0.0
+            alpha[k] = float((guess == final)[valid].double().mean()) if bool(valid.any()) else 0.0
         costs = _round_costs(view, input_ids, mask, n)
     predicted = {}
     for k in candidates:
@@ -705,10 +706,18 @@ def choose_exit_layer(
         predicted[k] = expected_tokens_per_round(alpha[k], n) / t_round
     t_plain = costs["embed_1"] + num_layers * costs["block_1"] + costs["head_1"]
     best = max(candidates, key=lambda k: predicted[k])
+    if predicted[best] * t_plain < 1.0:
+        warnings.warn(
+            f"choose_exit_layer: no draft depth is predicted faster than plain generate on these prompts (best k={best}: "
+            f"{predicted[best] * t_plain:.2f}x, acceptance {alpha[best]:.2f}); the model's early layers rarely agree "
+            "with its last (train it with the aligned loss, hf_align.AlignedTrainer)",
+            stacklevel=2,
+        )
     report = {
         "alpha": alpha,
         "predicted_tokens_per_s": predicted,
         "predicted_plain_tokens_per_s": 1.0 / t_plain,
+        "predicted_speedup": {k: predicted[k] * t_plain for k in candidates},
         "costs_s": costs,
         "num_draft_tokens": n,
         "calibration_tokens": calibration_tokens,
