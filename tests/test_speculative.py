@@ -111,8 +111,10 @@ def test_auto_exit_layer_is_exact_and_reports_calibration():
     model = _decoder("gpt2", "GPT2LMHeadModel")
     ids, mask = _prompts(1)
     reference = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    out, stats = speculative_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=8,
-                                      exit_layer="auto", return_stats=True)
+    # a random model's early layers rarely agree with its last: the calibration says no depth will pay off
+    with pytest.warns(UserWarning, match="no draft depth is predicted faster"):
+        out, stats = speculative_generate(model, input_ids=ids, attention_mask=mask, max_new_tokens=8,
+                                          exit_layer="auto", return_stats=True)
     assert torch.equal(out, reference)
     calib = stats.calibration
     assert 1 <= stats.exit_layer <= L - 1 and calib["exit_layer"] == stats.exit_layer
