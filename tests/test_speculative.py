@@ -345,6 +345,17 @@ def test_bad_arguments_fail_before_any_work(kwargs, match):
     assert _same(before, _fingerprint(model))
 
 
+def test_sliding_window_within_and_beyond():
+    model = tiny_model("mistral", "MistralForCausalLM", initializer_range=0.2, sliding_window=24).double()
+    ids, mask = _prompts(2)
+    inputs = dict(input_ids=ids, attention_mask=mask, do_sample=False)
+    reference = model.generate(**inputs, max_new_tokens=17)  # 7 + 17 = the window
+    assert torch.equal(speculative_generate(model, **inputs, max_new_tokens=17, exit_layer=1, num_draft_tokens=3),
+                       reference)
+    with pytest.raises(ValueError, match="sliding-window attention .window 24 tokens"):
+        speculative_generate(model, **inputs, max_new_tokens=18, exit_layer=1)
+
+
 @pytest.mark.parametrize(
     "build, match",
     [

@@ -292,6 +292,19 @@ def _check_inputs(input_ids: Any, attention_mask: Any) -> None:
         raise ValueError("every row of attention_mask needs at least one real token")
 
 
+def _check_window(hf_model: nn.Module, total_length: int) -> None:
+    """Sliding-window attention layers keep only the last W keys; drafting past the window is not supported."""
+    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=hf_model.config).layers
+               if getattr(layer, "is_sliding", False)]
+    windows = [w for w in windows if isinstance(w, int)]
+    if windows and total_length > min(windows):
+        raise ValueError(
+            f"{type(hf_model).__name__} uses sliding-window attention (window {min(windows)} tokens) and prompt + "
+            f"max_new_tokens = {total_length} exceeds it; speculative_generate supports sliding-window models only "
+            "within the window"
+        )
+
+
 def _check_schedule(exit_layer: Any, num_draft_tokens: Any, num_layers: int) -> None:
     if isinstance(exit_layer, bool) or not (isinstance(exit_layer, int) or exit_layer == "auto"):
         raise TypeError(f"exit_layer must be an integer in [1, {num_layers - 1}] or 'auto', got {exit_layer!r}")
@@ -589,9 +602,7 @@ def speculative_generate(
             f"nothing to generate: the prompt has {input_ids.shape[1]} tokens and max_length is {config.max_length}; "
             "pass max_new_tokens"
         )
-    eos = config.eos_token_id
-    if input_ids.shape[0] > 1 and eos is not None and config.pad_token_id is None and isinstance(eos, list) and not eos:
-        raise ValueError("a batch with eos_token_id needs pad_token_id")
+    _check_window(hf_model, input_ids.shape[1] + max_new)
     device = next(hf_model.parameters()).device
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device) if attention_mask is not None else None
