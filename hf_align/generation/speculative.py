@@ -480,7 +480,9 @@ class _Decoder:
         # the verify pass's block arguments (queries p..p+n, kv length p+n+1), captured while every layer has length p
         verify = self._state(pending[:, None].expand(-1, n + 1), start, p + n + 1,
                              embeds=self.fast is not False)
-        mask = self._find_mask(verify, n + 1, p + n + 1)  # rows i, columns :p+i+1 serve draft step i
+        # rows i, columns :p+i+1 of the verify mask serve draft step i; without padding a one-token step needs no
+        # mask (generate passes none either)
+        mask = self._find_mask(verify, n + 1, p + n + 1) if self.mask is not None else None
         hidden_k, drafts, qs = [], [], []
         token = pending
         for i in range(n + 1):  # i < n: draft steps; i == n: blocks 1..k for the last draft token
