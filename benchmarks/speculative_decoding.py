@@ -266,9 +266,10 @@ def main(argv=None):
     command = "python benchmarks/speculative_decoding.py " + " ".join(sys.argv[1:] if argv is None else argv)
     results = {"machine": machine_info(), "command": command, "repeats": args.repeats, "new_tokens": args.new_tokens,
                "prompts": args.prompts, "prompt_tokens": args.prompt_tokens, "models": []}
-    for label, model_dir in (("aligned", args.model_dir), ("standard", args.compare_dir)):
+    for model_dir in (args.model_dir, args.compare_dir):
         if model_dir is None:
             continue
+        label = os.path.basename(os.path.normpath(model_dir))
         print(f"{label}: {model_dir}", flush=True)
         model, tokenizer = load(model_dir)
         prompts = prompts_for(tokenizer, args.prompts, args.prompt_tokens)
