@@ -45,6 +45,8 @@ _LAZY = {
     # neural collapse
     **{name: ".analysis.collapse" for name in ("ClassStatistics", "collapse_metrics", "collapse_report", "gnc2",
                                       "plot_collapse_progression")},
+    # self-speculative decoding (generation/)
+    **{name: ".generation" for name in ("SpeculativeStats", "choose_exit_layer", "speculative_generate")},
     # DREAM and super-resolution (diffusers)
     "dream_rectify": ".diffusion",
     "sr_unet": ".diffusion",
