@@ -65,12 +65,13 @@ class EarlyExitGenerateOutput(ModelOutput):
     ``exit_layers`` (B, N): the block (1-based) whose head chose each new token (L = full depth; the first new
     token always comes from the full-depth prefill; 0 for padding after a row finished).
     ``blocks_run``: block forwards run (a block run on the whole batch counts once), prefill included.
-    ``num_layers``: L."""
+    ``num_layers``: L. ``cache``: the KV cache after the last step (propagated entries included)."""
 
     sequences: torch.LongTensor | None = None
     exit_layers: torch.LongTensor | None = None
     blocks_run: int | None = None
     num_layers: int | None = None
+    cache: Any = None
 
     @property
     def mean_exit_layer(self) -> float:
@@ -235,7 +236,7 @@ class PerTokenEarlyExit:
                     exit_layers = exit_layers[:, : step + 1]
                     break
         return EarlyExitGenerateOutput(sequences=sequences, exit_layers=exit_layers, blocks_run=blocks_run,
-                                       num_layers=L)
+                                       num_layers=L, cache=cache)
 
     def _step(self, sequences, model_kwargs, unfinished, cache):
         """One decoding step for the last token of ``sequences``: (logits (B, V), exit depth (B,), blocks run)."""
