@@ -190,3 +190,26 @@ def test_models_without_a_supported_lm_head_are_refused(family, class_name, mess
     with pytest.raises(ValueError, match=message):
         hf_align.early_exit_generate(model, input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=2)
     assert _no_hooks(model)
+
+
+@pytest.mark.parametrize("family,class_name", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM")])
+def test_teacher_forced_score(family, class_name):
+    model = lm(family, class_name)
+    L = model.config.num_hidden_layers
+    ids = torch.randint(1, 99, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.double()  # the model's own full-depth logits
+        loss = -logits.log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()  # mean NLL of tokens 1..11
+        lens = model.lm_head((model.transformer.ln_f if family == "gpt2" else model.model.norm)(
+            model(input_ids=ids, output_hidden_states=True).hidden_states[1]))
+    full = PerTokenEarlyExit(model, threshold=1.0).score(ids)
+    assert full.nll.shape == (2, 11) and (full.exit_layers == L).all()
+    assert full.perplexity == pytest.approx(float(torch.exp(loss)), rel=1e-9)
+    assert full.perplexity == pytest.approx(float(torch.exp(model(input_ids=ids, labels=ids).loss)), rel=1e-6)
+    # every fed token exits after block 1: its NLL is that of the shared head on the plain forward's h_1
+    # (block 1 only ever sees real inputs), except the first scored token, which comes from the prefill
+    early = PerTokenEarlyExit(model, threshold=0.0, confidence="max_prob").score(ids, prefix_length=3)
+    assert early.exit_layers[:, 1:].eq(1).all() and early.exit_layers[:, 0].eq(L).all()
+    reference = -lens.double().log_softmax(-1)[:, 3:-1].gather(-1, ids[:, 4:, None]).squeeze(-1)
+    torch.testing.assert_close(early.nll[:, 1:], reference, rtol=0, atol=1e-10)
+    assert early.blocks_run == L + 8  # one lock-step batch: prefill (L blocks) + 8 steps of 1 block

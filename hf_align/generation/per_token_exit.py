@@ -46,7 +46,7 @@ from transformers.utils import ModelOutput
 
 from ..layers import LayerView, get_kv_projection, kv_projection_families
 
-__all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "PerTokenEarlyExit", "early_exit_generate"]
+__all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
 
 CONFIDENCES = ("softmax", "max_prob", "state")
 
@@ -78,6 +78,21 @@ class EarlyExitGenerateOutput(ModelOutput):
         """Average exit depth over the generated (non-padding) tokens."""
         real = self.exit_layers[self.exit_layers > 0]
         return float(real.double().mean()) if real.numel() else float("nan")
+
+
+@dataclass
+class EarlyExitScore(ModelOutput):
+    """``nll`` (B, N) float64: negative log-likelihood of each scored true token under its exit distribution;
+    ``exit_layers`` (B, N); ``blocks_run``; ``num_layers``. ``perplexity`` = exp(mean nll)."""
+
+    nll: torch.Tensor | None = None
+    exit_layers: torch.LongTensor | None = None
+    blocks_run: int | None = None
+    num_layers: int | None = None
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.exp(self.nll.mean()))
 
 
 def _confidence(kind: str, logits: torch.Tensor, hidden: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
@@ -237,6 +252,45 @@ class PerTokenEarlyExit:
                     break
         return EarlyExitGenerateOutput(sequences=sequences, exit_layers=exit_layers, blocks_run=blocks_run,
                                        num_layers=L, cache=cache)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, prefix_length: int = 1) -> EarlyExitScore:
+        """Teacher-forced quality of per-token exit on real text (CALM's decoding, the true tokens fed back).
+
+        ``input_ids[:, :prefix_length]`` is encoded at full depth (prefill); then every following real token is
+        fed one step at a time with per-token exit and state propagation, exactly as in :meth:`generate`, and
+        the exit distribution is scored on the true next token: ``nll[b, i] = -log p_exit(x_{p+i} | x_{<p+i})``
+        for i = 0..n-p-1 (the first from the full-depth prefill). ``perplexity = exp(mean nll)``; with
+        ``threshold=1`` it equals the model's own causal-LM loss on the same tokens. Rows must not be padded.
+        """
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError("input_ids must be a (batch, length) LongTensor without padding")
+        batch, length = input_ids.shape
+        if isinstance(prefix_length, bool) or not isinstance(prefix_length, int) or not 1 <= prefix_length < length:
+            raise ValueError(f"prefix_length must be an integer in [1, {length - 1}], got {prefix_length!r}")
+        model, L = self.model, self.num_layers
+        cache = DynamicCache(config=model.config)
+        model_kwargs: dict[str, Any] = {"cache": cache, "use_cache": True, "attention_mask": None}
+        if "position_ids" in inspect.signature(model.forward).parameters:
+            model_kwargs["position_ids"] = torch.arange(prefix_length, device=input_ids.device).expand(batch, -1)
+        prefix = input_ids[:, :prefix_length]
+        inputs = model.prepare_inputs_for_generation(prefix, is_first_iteration=True, **model_kwargs)
+        logits = model(**inputs, return_dict=True).logits[:, -1]
+        depth = torch.full((batch,), L, dtype=torch.long, device=input_ids.device)
+        blocks_run = L
+        everyone = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
+        nll, exits = [], []
+        for t in range(prefix_length, length):
+            if t > prefix_length:
+                if "position_ids" in model_kwargs:
+                    positions = model_kwargs["position_ids"]
+                    model_kwargs["position_ids"] = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
+                logits, depth, ran = self._step(input_ids[:, :t], model_kwargs, everyone, cache)
+                blocks_run += ran
+            nll.append(-logits.double().log_softmax(-1).gather(-1, input_ids[:, t, None]).squeeze(-1))
+            exits.append(depth)
+        return EarlyExitScore(nll=torch.stack(nll, 1), exit_layers=torch.stack(exits, 1), blocks_run=blocks_run,
+                              num_layers=L)
 
     def _step(self, sequences, model_kwargs, unfinished, cache):
         """One decoding step for the last token of ``sequences``: (logits (B, V), exit depth (B,), blocks run)."""
