@@ -93,6 +93,15 @@ def test_decode_memory_holds_the_extended_cache_and_the_table_renders(tmp_path):
 
 
 def test_peak_memory_of_a_known_allocation():
+    weight = torch.ones(64, 64)
+
+    def views():  # views of a tensor that existed before the call allocate nothing
+        return weight.t()[:10], weight.view(32, 128).transpose(0, 1)
+
+    assert peak_memory(lambda: weight.t().reshape(-1))[1] == 64 * 64 * 4  # a non-contiguous reshape copies
+
+    assert peak_memory(views)[1] == 0
+
     def work():
         a = torch.ones(1000, dtype=torch.float32)  # 4000 bytes
         b = torch.ones(500, dtype=torch.float64)  # 4000 bytes, a still alive: peak 8000

@@ -105,7 +105,10 @@ def count_flops(fn, *args, model: nn.Module | None = None, **kwargs) -> tuple[An
 
 
 class _PeakMemory(TorchDispatchMode):
-    """Peak bytes of the tensor storages created under the mode and still alive (weak references)."""
+    """Peak bytes of the tensor storages created under the mode and still alive (weak references).
+
+    An op's output counts when its storage is new: views and in-place results (which share the storage of one of
+    the op's inputs, e.g. a transposed weight) do not."""
 
     def __init__(self):
         super().__init__()
@@ -120,11 +123,14 @@ class _PeakMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         for key in [k for k, (ref, _) in self.refs.items() if ref.expired()]:
             self.live -= self.refs.pop(key)[1]
+        # views and in-place results share an input's storage: not a new allocation
+        inputs = {self._weak(t.untyped_storage()).cdata for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and t.device.type != "meta"}
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 storage = t.untyped_storage()
                 ref = self._weak(storage)
-                if ref.cdata not in self.refs:
+                if ref.cdata not in self.refs and ref.cdata not in inputs:
                     self.refs[ref.cdata] = (ref, storage.nbytes())
                     self.live += storage.nbytes()
         self.peak = max(self.peak, self.live)
