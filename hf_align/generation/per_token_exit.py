@@ -25,6 +25,10 @@ Confidence measures (``confidence=``), all in [0, 1] (a threshold of 1 never fir
 * ``"max_prob"``: ``c_l = p_l^(1)``;
 * ``"state"`` (CALM's hidden-state saturation): ``c_l = cos(h_l, h_{l-1})`` at the new position (clamped at 0).
 
+Cost of deciding: ``"softmax"`` and ``"max_prob"`` need the head (2·D·V FLOPs per row, as much as a block
+for a small model with a large vocabulary) after every block from ``min_exit_layer`` on, for the rows still
+running; ``"state"`` needs it only at the exit. With ``threshold=1`` no head runs before block L.
+
 Batches (left padding) decode in lock-step: a block runs for the batch while any unfinished row still needs
 it; rows that have exited ride along with their exit state as input, so the block writes exactly the
 propagated keys/values for them (its output for those rows is discarded). Once every row has exited, the
@@ -312,15 +316,23 @@ class PerTokenEarlyExit:
             if layer < self.min_exit_layer and layer < L:
                 continue
             h = state.hidden[active, -1]  # (R, D)
-            row_logits = view.head(h[:, None], context=view.context())[:, -1]  # (R, V)
-            if logits is None:
-                logits = row_logits.new_zeros((batch, row_logits.shape[-1]))
             if layer == L:
                 fire = torch.ones(active.numel(), dtype=torch.bool, device=h.device)
+                row_logits = view.head(h[:, None], context=view.context())[:, -1]  # (R, V)
+            elif self.threshold >= 1.0:  # no confidence exceeds 1: nothing can exit, no head needed
+                continue
+            elif self.confidence == "state":  # decided from hidden states: the head runs for the exiting rows only
+                fire = _confidence("state", None, h, previous[active, -1]) > self.threshold
+                if not bool(fire.any()):
+                    continue
+                row_logits = view.head(h[fire][:, None], context=view.context())[:, -1]
             else:
+                row_logits = view.head(h[:, None], context=view.context())[:, -1]
                 fire = _confidence(self.confidence, row_logits, h, previous[active, -1]) > self.threshold
+            if logits is None:
+                logits = row_logits.new_zeros((batch, row_logits.shape[-1]))
             rows = active[fire]
-            logits[rows] = row_logits[fire]
+            logits[rows] = row_logits if self.confidence == "state" and layer < L else row_logits[fire]
             depth[rows] = layer
             exit_hidden[rows] = state.hidden[rows]
             exited[rows] = True
