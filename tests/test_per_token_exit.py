@@ -29,8 +29,10 @@ def prompts(batch, length=7, seed=0, pads=(0, 3, 1, 2)):
     return ids, mask
 
 
-@pytest.mark.parametrize("family,class_name,batch", [(f, c, b) for f, c in DECODERS for b in (1, 4)
-                                                     if b == 4 or f in ("gpt2", "llama")])
+@pytest.mark.parametrize("family,class_name,batch", [
+    pytest.param(f, c, b, marks=[pytest.mark.slow] if f in ("mistral", "qwen2") else [])  # same code path as llama
+    for f, c in DECODERS for b in (1, 4) if b == 4 or f in ("gpt2", "llama")
+])
 def test_no_exit_reproduces_generate(family, class_name, batch):
     model = lm(family, class_name)
     ids, mask = prompts(batch)
