@@ -307,20 +307,21 @@ class PerTokenEarlyExit:
         depth = torch.zeros(batch, dtype=torch.long, device=exit_hidden.device)
         logits = None
         ran = 0
+        any_exited = bool(exited.any())
         for layer in range(1, L + 1):
             previous = state.hidden
-            hidden_in = torch.where(exited[:, None, None], exit_hidden, state.hidden)
-            state = view.run_block(replace(state, hidden=hidden_in))  # writes block `layer`'s K/V for every row
+            if any_exited:  # exited rows feed their exit state: the block writes their propagated K/V
+                state = replace(state, hidden=torch.where(exited[:, None, None], exit_hidden, state.hidden))
+            state = view.run_block(state)  # writes block `layer`'s K/V for every row
             ran += 1
-            active = (~exited).nonzero().squeeze(1)
-            if layer < self.min_exit_layer and layer < L:
+            # no head before min_exit_layer; none before L with threshold 1 (no confidence exceeds 1)
+            if layer < L and (layer < self.min_exit_layer or self.threshold >= 1.0):
                 continue
+            active = (~exited).nonzero().squeeze(1)
             h = state.hidden[active, -1]  # (R, D)
             if layer == L:
                 fire = torch.ones(active.numel(), dtype=torch.bool, device=h.device)
                 row_logits = view.head(h[:, None], context=view.context())[:, -1]  # (R, V)
-            elif self.threshold >= 1.0:  # no confidence exceeds 1: nothing can exit, no head needed
-                continue
             elif self.confidence == "state":  # decided from hidden states: the head runs for the exiting rows only
                 fire = _confidence("state", None, h, previous[active, -1]) > self.threshold
                 if not bool(fire.any()):
@@ -336,6 +337,7 @@ class PerTokenEarlyExit:
             depth[rows] = layer
             exit_hidden[rows] = state.hidden[rows]
             exited[rows] = True
+            any_exited = any_exited or bool(fire.any())
             if bool(exited.all()):
                 break
         # blocks after the last exit never run: fill their K/V by propagating each row's exit state
