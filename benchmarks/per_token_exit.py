@@ -1,6 +1,6 @@
 """Benchmark: per-token early exit (CALM) - speed beside quality, against full-depth greedy decoding.
 
-    python benchmarks/per_token_exit.py [--models llama-aligned,llama-standard] [--thresholds 1,0.9,0.7,0.5,0.3]
+    python benchmarks/per_token_exit.py [--models llama-aligned,llama-standard] [--thresholds 1,0.5,0.3,0.2,0.1,0.05]
                                         [--confidence softmax] [--min-exit-layer 1] [--repeats 5]
                                         [--prompts 8] [--prompt-tokens 32] [--new-tokens 32] [--score-blocks 8]
 
@@ -22,7 +22,8 @@ For every threshold (``threshold=1`` = no exit = full depth):
 * quality on text: perplexity of the exit distributions, teacher forced (``PerTokenEarlyExit.score``) on
   ``--score-blocks`` held-out blocks of 128 tokens; mean exit layer there.
 
-Writes benchmarks/results/per_token_exit.md, per_token_exit.json and per_token_exit.png.
+Writes benchmarks/results/per_token_exit_<model>.json (one per model, so models can be measured in separate runs),
+per_token_exit.md and per_token_exit.png (``--report-only`` rebuilds these two from the JSON files).
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def report(results, args, path_md, path_png):
     lines = [
         "# Per-token early exit (CALM) - speed beside quality",
         "",
-        f"Command: `python benchmarks/per_token_exit.py {args.command}` (git {info['git']}, torch {info['torch']}, "
-        f"{info['cores']} cores, {args.threads} thread(s), shared machine; median of {args.repeats} interleaved repeats).",
+        f"torch {info['torch']}, {info['cores']} cores, shared machine; the command of each model's run is in its "
+        "section (ratios are within one run: thresholds and plain `model.generate` interleaved in every repeat).",
         "",
         f"Confidence `{args.confidence}`, min exit layer {args.min_exit_layer}. Generation: {args.prompts} prompts x "
         f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens each, batch 1, greedy, no EOS stop. "
@@ -157,6 +158,8 @@ def report(results, args, path_md, path_png):
     ]
     for res in results:
         lines += [f"## {res['model']} ({res['source']}, L = {res['num_layers']})", "",
+                  f"Command: `python benchmarks/per_token_exit.py {res['command']}` (git {res['git']}, "
+                  f"{res['threads']} thread(s), median of {res['repeats']} interleaved repeats)", "",
                   f"plain `model.generate`: {res['generate_tokens_per_s']:.1f} tokens/s", "",
                   "| threshold | tokens/s | speed-up vs generate | agreement | same prefix | mean exit layer | "
                   "blocks run / full | perplexity (text) | mean exit layer (text) |",
@@ -183,25 +186,36 @@ def report(results, args, path_md, path_png):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="llama-aligned,llama-standard")
-    parser.add_argument("--thresholds", default="1,0.9,0.7,0.5,0.3")
+    parser.add_argument("--thresholds", default="1,0.5,0.3,0.2,0.1,0.05")
     parser.add_argument("--confidence", default="softmax")
     parser.add_argument("--min-exit-layer", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--score-blocks", type=int, default=8)
+    parser.add_argument("--score-blocks", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--report-only", action="store_true", help="rebuild the report from the per-model JSON files")
     args = parser.parse_args()
     args.command = " ".join(sys.argv[1:])
     args.thresholds = [float(t) for t in args.thresholds.split(",")]
     torch.set_num_threads(args.threads)
-    results = [run_model(name, args, lambda m: print(m, flush=True)) for name in args.models.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "per_token_exit.json"), "w") as f:
-        json.dump({"args": {k: v for k, v in vars(args).items()}, "machine": machine_info(), "results": results}, f,
-                  indent=1)
+    results = []
+    for name in args.models.split(","):
+        path = os.path.join(args.out, f"per_token_exit_{name}.json")
+        if args.report_only:
+            with open(path) as f:
+                saved = json.load(f)
+            results.append(saved["result"])
+            continue
+        result = run_model(name, args, lambda m: print(m, flush=True))
+        result.update(command=args.command, git=machine_info()["git"], threads=args.threads, repeats=args.repeats)
+        results.append(result)
+        with open(path, "w") as f:  # one file per model: models may be measured in separate runs
+            json.dump({"command": args.command, "args": {k: v for k, v in vars(args).items()},
+                       "machine": machine_info(), "result": result}, f, indent=1)
     report(results, args, os.path.join(args.out, "per_token_exit.md"), os.path.join(args.out, "per_token_exit.png"))
     print(open(os.path.join(args.out, "per_token_exit.md")).read())
 
