@@ -216,3 +216,17 @@ def test_teacher_forced_score(family, class_name):
     reference = -lens.double().log_softmax(-1)[:, 3:-1].gather(-1, ids[:, 4:, None]).squeeze(-1)
     torch.testing.assert_close(early.nll[:, 1:], reference, rtol=0, atol=1e-10)
     assert early.blocks_run == L + 8  # one lock-step batch: prefill (L blocks) + 8 steps of 1 block
+
+
+def test_min_exit_layer_and_head_calls():
+    model = lm("llama", "LlamaForCausalLM", num_hidden_layers=4)
+    runner = PerTokenEarlyExit(model, threshold=0.0, confidence="max_prob", min_exit_layer=3)
+    heads = [0]
+    handle = model.lm_head.register_forward_hook(lambda *a: heads.__setitem__(0, heads[0] + 1))
+    try:
+        out = runner.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=5, eos_token_id=None,
+                              pad_token_id=0)
+    finally:
+        handle.remove()
+    assert out.exit_layers.tolist() == [[4, 3, 3, 3, 3]]
+    assert heads[0] == 1 + 4  # the prefill's head, then one head per step (block 3, where every token exits)

@@ -119,6 +119,7 @@ class PerTokenEarlyExit:
         threshold: exit when the confidence is strictly above it; in [0, 1] (1 disables exits).
         confidence: ``"softmax"`` (top-1 minus top-2 probability), ``"max_prob"`` or ``"state"``.
         min_exit_layer: no exit before this block (1..L).
+        view: an existing :class:`~hf_align.LayerView` of ``model`` (skips building and self-checking a new one).
     """
 
     def __init__(self, model: torch.nn.Module, *, threshold: float = 0.9, confidence: str = "softmax",
