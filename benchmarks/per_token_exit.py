@@ -169,7 +169,17 @@ def report(results, args, path_md, path_png):
                          f"{r['agreement']:.1%} | {r['same_prefix']:.1%} | {r['mean_exit_layer']:.2f} | "
                          f"{r['blocks_fraction']:.3f} | {r['perplexity']:.3f} | {r['score_mean_exit_layer']:.2f} |")
         lines.append("")
-    lines.append("![](per_token_exit.png)")
+    lines += [
+        "**Reading these numbers.** The greedy continuations of these small, briefly trained models are degenerate "
+        "repetitions (for llama-aligned and llama-standard on the first prompt: `' | | | | ...'`), which even "
+        "block 1 predicts, so agreement with full-depth greedy is easy here and says little. The teacher-forced "
+        "perplexity on held-out text (real tokens fed back, exits and state propagation as in decoding) is the "
+        "quality measure to read; its mean exit layer is the compute actually saved on text. Wall-clock ratios "
+        "on this shared 2-core machine move by +-20% between runs (compare threshold 1, which does the same work "
+        "as `model.generate` through a Python loop over blocks).",
+        "",
+        "![](per_token_exit.png)",
+    ]
     with open(path_md, "w") as f:
         f.write("\n".join(lines) + "\n")
     panels = {
