@@ -377,10 +377,13 @@ def exit_costs(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=repeats * len(depths), desc="exit costs", disable=not progress, leave=False)
+        sync = torch.cuda.synchronize if view.device.type == "cuda" else (lambda: None)  # kernels are async
         for _ in range(repeats):
             for d in depths:
+                sync()
                 start = time.perf_counter()
                 call(d)
+                sync()
                 times[d].append(time.perf_counter() - start)
                 bar.update(1)
         bar.close()
