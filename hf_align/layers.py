@@ -922,3 +922,65 @@ class LayerView:
                 "final_norm (hf_align.register_family(..., overwrite=True))."
             )
         return diff
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key/value projections per family (for per-token early exit: CALM's state propagation)
+# ----------------------------------------------------------------------------------------------------------
+#
+# ``fn(block, hidden, block_kwargs) -> (keys, values)``: the keys and values that ``block``'s self-attention
+# would write into its KV cache if ``hidden`` (B, T, D) were the block's *input*: the block's own input norm,
+# its own key/value projections and, where the family has one, its rotary position embedding (taken from the
+# ``position_embeddings`` the model prepared for its blocks, found in ``block_kwargs``). Both tensors have the
+# cache layout (B, H_kv, T, head_dim). Nothing else of the block runs.
+
+KVProjectionFn = Callable[[nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _gpt2_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # GPT2Block: ln_1 -> attn.c_attn (Conv1D, q|k|v concatenated); absolute positions are in the embeddings
+    attn = block.attn
+    _, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+    shape = (*keys.shape[:-1], -1, attn.head_dim)
+    return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _llama_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # LlamaDecoderLayer (also Mistral, Qwen2): input_layernorm -> k_proj / v_proj -> RoPE on the keys:
+    # k' = k * cos + rotate_half(k) * sin, with (cos, sin) the (B, T, head_dim) tables the model prepared
+    attn = block.self_attn
+    normed = block.input_layernorm(hidden)
+    shape = (*normed.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+    values = attn.v_proj(normed).view(shape).transpose(1, 2)
+    position_embeddings = block_kwargs.get("position_embeddings")
+    if position_embeddings is None:
+        raise ValueError("the block arguments carry no `position_embeddings` (cos, sin); cannot rotate the keys")
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return keys * cos + _rotate_half(keys) * sin, values
+
+
+_KV_PROJECTIONS: dict[str, KVProjectionFn] = {"gpt2": _gpt2_kv, "llama": _llama_kv}
+
+
+def register_kv_projection(family: str, fn: KVProjectionFn, *, overwrite: bool = False) -> None:
+    """Declare how a family's block turns a hidden state into the keys/values it caches (see above)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (block, hidden, block_kwargs) -> (keys, values), got {type(fn).__name__}")
+    if family in _KV_PROJECTIONS and not overwrite:
+        raise ValueError(f"family {family!r} already has a key/value projection; pass overwrite=True to replace it")
+    _KV_PROJECTIONS[family] = fn
+
+
+def get_kv_projection(family: str) -> KVProjectionFn | None:
+    """The key/value projection of a family (``None`` when none is registered)."""
+    return _KV_PROJECTIONS.get(family)
+
+
+def kv_projection_families() -> list[str]:
+    return sorted(_KV_PROJECTIONS)

@@ -1,5 +1,11 @@
-"""hf_align.generation: early exit for decoder LMs (self-speculative decoding through the shared LM head)."""
+"""hf_align.generation: early exit for decoder LMs through the shared LM head.
 
+Self-speculative decoding (draft with the first k blocks, verify with all), per-token early exit (CALM) and the
+cost of every exit depth.
+"""
+
+from .cost import ExitCostTable, exit_costs, plot_exit_costs
+from .per_token_exit import CONFIDENCES, EarlyExitGenerateOutput, PerTokenEarlyExit, early_exit_generate
 from .speculative import (
     SpeculativeDecoderOnlyOutput,
     SpeculativeStats,
@@ -10,9 +16,16 @@ from .speculative import (
 )
 
 __all__ = [
+    "CONFIDENCES",
+    "EarlyExitGenerateOutput",
+    "ExitCostTable",
+    "PerTokenEarlyExit",
     "SpeculativeDecoderOnlyOutput",
     "SpeculativeStats",
     "choose_exit_layer",
+    "early_exit_generate",
+    "exit_costs",
+    "plot_exit_costs",
     "speculative_acceptance",
     "speculative_generate",
     "speculative_sample",
