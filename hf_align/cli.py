@@ -364,7 +364,7 @@ def _tiny_family_model(name: str):
     """A tiny random model of a registered family (or model type), built from its config (no download)."""
     import transformers
 
-    from .layers import _REGISTRY, TASKS
+    from .families import _REGISTRY, TASKS
 
     family = _REGISTRY.get(name) or next((f for f in _REGISTRY.values() if name in f.model_types), None)
     if family is None:
@@ -387,7 +387,8 @@ def _tiny_family_model(name: str):
 def cmd_layers(args: LayersArguments) -> int:
     import transformers
 
-    from .layers import LayerView, _supported_text
+    from .families import _supported_text
+    from .layers import LayerView
 
     if args.list_families:
         print(_supported_text())

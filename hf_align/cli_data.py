@@ -247,7 +247,7 @@ def load_model_config(model_args: ModelArguments):
     """``(config, modality)`` after checking the folder exists and the family is supported (no weights read)."""
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from .layers import _supported_text, get_family
+    from .families import _supported_text, get_family
 
     path = model_args.model_name_or_path
     if not os.path.isdir(path) and _looks_like_path(path):

@@ -48,7 +48,8 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from ..layers import LayerView, get_kv_projection, kv_projection_families
+from ..families import get_kv_projection, kv_projection_families
+from ..layers import LayerView
 
 __all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
 

@@ -1,0 +1,407 @@
+"""The family registry: the one place in hf-align that knows architecture names.
+
+Each supported architecture family is declared once (:func:`register_family`), the way PEFT declares its
+target-module mappings: which ``config.model_type`` values it covers, the model's own head for each task (final
+norm, pooling, pooler, classifier or LM head, built from the model's *own* modules), where its blocks live, how it
+pools, and its final norm. Per-family key/value projections (used by per-token early exit) are declared here too
+(:func:`register_kv_projection`). :class:`hf_align.LayerView` reads this registry and self-checks every entry
+against the model's own outputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "BASE_TASK",
+    "TASKS",
+    "HeadContext",
+    "LayerFamily",
+    "get_family",
+    "get_kv_projection",
+    "kv_projection_families",
+    "register_family",
+    "register_kv_projection",
+    "supported_families",
+]
+
+TASKS = ("sequence-classification", "image-classification", "causal-lm")
+# A head-less base model (BertModel, ViTModel, GPT2Model, LlamaModel...): hidden states, stop-after-k and
+# pooling work; anything that needs a head raises a clear error.
+BASE_TASK = "feature-extraction"
+
+# Class-name suffixes (searched along the MRO, so user subclasses work) -> task.
+_TASK_SUFFIXES = (
+    ("ForSequenceClassification", "sequence-classification"),
+    ("ForImageClassification", "image-classification"),
+    ("ForCausalLM", "causal-lm"),
+    ("LMHeadModel", "causal-lm"),
+)
+
+
+@dataclass
+class HeadContext:
+    """What a head needs besides the hidden state: the token ids and mask the model was called with."""
+
+    input_ids: torch.Tensor | None = None  # (B, T)
+    attention_mask: torch.Tensor | None = None  # (B, T)
+
+    def select(self, index: torch.Tensor) -> HeadContext:
+        return HeadContext(
+            input_ids=None if self.input_ids is None else self.input_ids[index],
+            attention_mask=None if self.attention_mask is None else self.attention_mask[index],
+        )
+
+
+HeadFn = Callable[[nn.Module, torch.Tensor, HeadContext], torch.Tensor]
+
+
+@dataclass
+class LayerFamily:
+    """One architecture family in the registry.
+
+    Args:
+        name: a short family name ("bert").
+        model_types: the ``config.model_type`` values it covers.
+        heads: task -> ``fn(model, hidden, ctx) -> logits``; ``model`` is the transformers model (PEFT
+            wrappers removed), ``hidden`` a (B, T, D) block output, ``ctx`` a :class:`HeadContext`.
+            The function must use the model's own modules so that it *is* the model's head.
+        classifiers: task -> dotted path (from the model) of the final linear layer (W, b) of the head.
+        block_paths: dotted paths (from ``model.base_model``) tried first to find the blocks; the
+            structural fallback is the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries.
+        unbatched_kwargs: names of block keyword arguments that have no batch dimension (never row-sliced
+            when finished samples leave a batch).
+        pooling: task -> how the head pools tokens ("cls", "last", "none" for per-token LM heads).
+        final_norm: dotted path (from ``model.base_model``) of the final norm the base model applies to the
+            last block's output (``None`` if it has none); used for head-less base models.
+        final_norm_in_hidden_states: whether the model's own ``output_hidden_states=True`` returns the last
+            hidden state *after* that final norm (GPT-2, Llama) or before it (ViT, whose
+            ``last_hidden_state`` alone is normed).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    heads: dict[str, HeadFn]
+    classifiers: dict[str, str] = field(default_factory=dict)
+    block_paths: tuple[str, ...] = ()
+    unbatched_kwargs: tuple[str, ...] = ()
+    pooling: dict[str, str] = field(default_factory=dict)
+    final_norm: str | None = None
+    final_norm_in_hidden_states: bool = False
+
+
+_REGISTRY: dict[str, LayerFamily] = {}
+
+
+def register_family(
+    name: str,
+    model_types: Sequence[str],
+    heads: dict[str, HeadFn],
+    *,
+    classifiers: dict[str, str] | None = None,
+    block_paths: Sequence[str] = (),
+    unbatched_kwargs: Sequence[str] = (),
+    pooling: dict[str, str] | None = None,
+    final_norm: str | None = None,
+    final_norm_in_hidden_states: bool = False,
+    overwrite: bool = False,
+) -> LayerFamily:
+    """Register a family so that :class:`LayerView` supports it.
+
+    Example (a hypothetical encoder whose classifier reads the CLS token after a final norm)::
+
+        def my_head(model, hidden, ctx):
+            return model.classifier(model.base_model.final_norm(hidden[:, 0]))
+
+        hf_align.register_family("mymodel", ["mymodel"], {"sequence-classification": my_head},
+                                 classifiers={"sequence-classification": "classifier"})
+
+    The self-check then verifies the head against the model's own logits the first time a view is built.
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty string, got {name!r}")
+    if isinstance(model_types, str) or not model_types:
+        raise TypeError(f"model_types must be a non-empty list of config.model_type strings, got {model_types!r}")
+    unknown = set(heads) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown task(s) {sorted(unknown)} in heads; expected some of {list(TASKS)}")
+    for task, fn in heads.items():
+        if not callable(fn):
+            raise TypeError(f"heads[{task!r}] must be callable (model, hidden, ctx) -> logits, got {type(fn).__name__}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"family {name!r} is already registered; pass overwrite=True to replace it")
+    for other in _REGISTRY.values():
+        if other.name != name and set(other.model_types) & set(model_types) and not overwrite:
+            raise ValueError(
+                f"model type(s) {sorted(set(other.model_types) & set(model_types))} already belong to family "
+                f"{other.name!r}; pass overwrite=True to take them over"
+            )
+    if overwrite:
+        for other in list(_REGISTRY.values()):
+            kept = tuple(t for t in other.model_types if t not in set(model_types))
+            if other.name != name and kept != other.model_types:
+                _REGISTRY[other.name] = replace(other, model_types=kept)
+    family = LayerFamily(
+        name=name,
+        model_types=tuple(model_types),
+        heads=dict(heads),
+        classifiers=dict(classifiers or {}),
+        block_paths=tuple(block_paths),
+        unbatched_kwargs=tuple(unbatched_kwargs),
+        pooling=dict(pooling or {}),
+        final_norm=final_norm,
+        final_norm_in_hidden_states=bool(final_norm_in_hidden_states),
+    )
+    _REGISTRY[name] = family
+    return family
+
+
+def supported_families() -> dict[str, dict[str, Any]]:
+    """``{family: {"model_types": [...], "tasks": [...]}}`` for every registered family."""
+    return {f.name: {"model_types": list(f.model_types), "tasks": [*f.heads, BASE_TASK]} for f in _REGISTRY.values()}
+
+
+def get_family(model_type: str) -> LayerFamily | None:
+    for family in _REGISTRY.values():
+        if model_type in family.model_types:
+            return family
+    return None
+
+
+def _supported_text() -> str:
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)}: {', '.join([*f.heads, BASE_TASK])})" for f in _REGISTRY.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Head building blocks (pooling as the models do it)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def cls_token(hidden: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) -> (B, D): the first token, as BERT-style poolers and ViT classifiers take it."""
+    return hidden[:, 0]
+
+
+def last_non_pad_token(hidden: torch.Tensor, ctx: HeadContext, pad_token_id: int | None) -> torch.Tensor:
+    """(B, T, D) -> (B, D), the rule of transformers' decoder ``*ForSequenceClassification``.
+
+    The rightmost token whose id is not ``pad_token_id`` (works for left and right padding); the last
+    position when there is no pad id or no ``input_ids``.
+    """
+    batch = hidden.shape[0]
+    if pad_token_id is None or ctx.input_ids is None:
+        index = torch.full((batch,), hidden.shape[1] - 1, device=hidden.device, dtype=torch.long)
+    else:
+        non_pad = (ctx.input_ids != pad_token_id).to(hidden.device, torch.int32)
+        positions = torch.arange(ctx.input_ids.shape[-1], device=hidden.device, dtype=torch.int32)
+        index = (positions * non_pad).argmax(-1)
+    return hidden[torch.arange(batch, device=hidden.device), index]
+
+
+def _pad_id(model: nn.Module) -> int | None:
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "pad_token_id", None)
+
+
+# -- encoders --------------------------------------------------------------------------------------------
+
+
+def _bert_sequence_head(model, hidden, ctx):
+    # BertForSequenceClassification: pooler (dense + tanh on CLS) -> dropout -> classifier
+    return model.classifier(model.dropout(model.base_model.pooler(hidden)))
+
+
+def _classification_head_module(model, hidden, ctx):
+    # RoBERTa / XLM-R / ELECTRA: the classifier module takes the whole sequence and reads token 0 itself
+    return model.classifier(hidden)
+
+
+def _distilbert_sequence_head(model, hidden, ctx):
+    # DistilBertForSequenceClassification: CLS -> pre_classifier -> ReLU -> dropout -> classifier
+    pooled = torch.relu(model.pre_classifier(cls_token(hidden)))
+    return model.classifier(model.dropout(pooled))
+
+
+def _deberta_sequence_head(model, hidden, ctx):
+    # DebertaV2ForSequenceClassification: ContextPooler (CLS -> dropout -> dense -> act) -> dropout -> classifier
+    return model.classifier(model.dropout(model.pooler(hidden)))
+
+
+def _roberta_lm_head(model, hidden, ctx):
+    return model.lm_head(hidden)
+
+
+def _electra_lm_head(model, hidden, ctx):
+    return model.generator_lm_head(model.generator_predictions(hidden))
+
+
+# -- vision ----------------------------------------------------------------------------------------------
+
+
+def _vit_image_head(model, hidden, ctx):
+    # ViT/DeiT ForImageClassification: final LayerNorm (per token, so CLS first is the same) -> classifier
+    return model.classifier(model.base_model.layernorm(cls_token(hidden)))
+
+
+# -- decoders --------------------------------------------------------------------------------------------
+
+
+def _decoder_sequence_head(norm_name: str) -> HeadFn:
+    def head(model, hidden, ctx):
+        # final norm -> score, read at the last non-padding token (pad id rule of transformers)
+        pooled = last_non_pad_token(hidden, ctx, _pad_id(model))
+        return model.score(getattr(model.base_model, norm_name)(pooled))
+
+    return head
+
+
+def _decoder_lm_head(norm_name: str) -> HeadFn:
+    def head(model, hidden, ctx):
+        return model.lm_head(getattr(model.base_model, norm_name)(hidden))
+
+    return head
+
+
+def _register_builtin_families() -> None:
+    seq, img, lm = TASKS
+    register_family(
+        "bert",
+        ["bert"],
+        {seq: _bert_sequence_head},
+        classifiers={seq: "classifier"},
+        block_paths=("encoder.layer",),
+        pooling={seq: "cls"},
+    )
+    register_family(
+        "roberta",
+        ["roberta", "xlm-roberta"],
+        {seq: _classification_head_module, lm: _roberta_lm_head},
+        classifiers={seq: "classifier.out_proj", lm: "lm_head.decoder"},
+        block_paths=("encoder.layer",),
+        pooling={seq: "cls", lm: "none"},
+    )
+    register_family(
+        "distilbert",
+        ["distilbert"],
+        {seq: _distilbert_sequence_head},
+        classifiers={seq: "classifier"},
+        block_paths=("transformer.layer",),
+        pooling={seq: "cls"},
+    )
+    register_family(
+        "electra",
+        ["electra"],
+        {seq: _classification_head_module, lm: _electra_lm_head},
+        classifiers={seq: "classifier.out_proj", lm: "generator_lm_head"},
+        block_paths=("encoder.layer",),
+        pooling={seq: "cls", lm: "none"},
+    )
+    register_family(
+        "deberta-v2",
+        ["deberta-v2"],
+        {seq: _deberta_sequence_head},
+        classifiers={seq: "classifier"},
+        block_paths=("encoder.layer",),
+        unbatched_kwargs=("rel_embeddings", "relative_pos"),
+        pooling={seq: "cls"},
+    )
+    register_family(
+        "vit",
+        ["vit", "deit"],
+        {img: _vit_image_head},
+        classifiers={img: "classifier"},
+        block_paths=("layers", "encoder.layer"),
+        pooling={img: "cls"},
+        final_norm="layernorm",
+    )
+    register_family(
+        "gpt2",
+        ["gpt2"],
+        {seq: _decoder_sequence_head("ln_f"), lm: _decoder_lm_head("ln_f")},
+        classifiers={seq: "score", lm: "lm_head"},
+        block_paths=("h",),
+        pooling={seq: "last", lm: "none"},
+        final_norm="ln_f",
+        final_norm_in_hidden_states=True,
+    )
+    register_family(
+        "llama",
+        ["llama", "mistral", "qwen2"],
+        {seq: _decoder_sequence_head("norm"), lm: _decoder_lm_head("norm")},
+        classifiers={seq: "score", lm: "lm_head"},
+        block_paths=("layers",),
+        pooling={seq: "last", lm: "none"},
+        final_norm="norm",
+        final_norm_in_hidden_states=True,
+    )
+
+
+_register_builtin_families()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Key/value projections per family (for per-token early exit: CALM's state propagation)
+# ----------------------------------------------------------------------------------------------------------
+#
+# ``fn(block, hidden, block_kwargs) -> (keys, values)``: the keys and values that ``block``'s self-attention
+# would write into its KV cache if ``hidden`` (B, T, D) were the block's *input*: the block's own input norm,
+# its own key/value projections and, where the family has one, its rotary position embedding (taken from the
+# ``position_embeddings`` the model prepared for its blocks, found in ``block_kwargs``). Both tensors have the
+# cache layout (B, H_kv, T, head_dim). Nothing else of the block runs.
+
+KVProjectionFn = Callable[[nn.Module, torch.Tensor, dict], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _gpt2_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # GPT2Block: ln_1 -> attn.c_attn (Conv1D, q|k|v concatenated); absolute positions are in the embeddings
+    attn = block.attn
+    _, keys, values = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
+    shape = (*keys.shape[:-1], -1, attn.head_dim)
+    return keys.view(shape).transpose(1, 2), values.view(shape).transpose(1, 2)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _llama_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    # LlamaDecoderLayer (also Mistral, Qwen2): input_layernorm -> k_proj / v_proj -> RoPE on the keys:
+    # k' = k * cos + rotate_half(k) * sin, with (cos, sin) the (B, T, head_dim) tables the model prepared
+    attn = block.self_attn
+    normed = block.input_layernorm(hidden)
+    shape = (*normed.shape[:-1], -1, attn.head_dim)
+    keys = attn.k_proj(normed).view(shape).transpose(1, 2)
+    values = attn.v_proj(normed).view(shape).transpose(1, 2)
+    position_embeddings = block_kwargs.get("position_embeddings")
+    if position_embeddings is None:
+        raise ValueError("the block arguments carry no `position_embeddings` (cos, sin); cannot rotate the keys")
+    cos, sin = (t.unsqueeze(1) for t in position_embeddings)
+    return keys * cos + _rotate_half(keys) * sin, values
+
+
+_KV_PROJECTIONS: dict[str, KVProjectionFn] = {"gpt2": _gpt2_kv, "llama": _llama_kv}
+
+
+def register_kv_projection(family: str, fn: KVProjectionFn, *, overwrite: bool = False) -> None:
+    """Declare how a family's block turns a hidden state into the keys/values it caches (see above)."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable (block, hidden, block_kwargs) -> (keys, values), got {type(fn).__name__}")
+    if family in _KV_PROJECTIONS and not overwrite:
+        raise ValueError(f"family {family!r} already has a key/value projection; pass overwrite=True to replace it")
+    _KV_PROJECTIONS[family] = fn
+
+
+def get_kv_projection(family: str) -> KVProjectionFn | None:
+    """The key/value projection of a family (``None`` when none is registered)."""
+    return _KV_PROJECTIONS.get(family)
+
+
+def kv_projection_families() -> list[str]:
+    return sorted(_KV_PROJECTIONS)
