@@ -99,6 +99,8 @@ class EvaluateArguments:
     tolerance: float = field(default=0.01, metadata={"help": "Mark the lowest-depth setting whose accuracy is within "
                                                      "this (absolute) tolerance of full depth on the evaluated split."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of the forward passes."})
+    cost_repeats: int = field(default=5, metadata={"help": "Timing repeats of the cost-per-exit-depth table (one batch "
+                                                   "of the data; median reported); 0 skips the table."})
 
 
 @dataclass
@@ -336,13 +338,20 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
            "split (measured here, not a promise for new data: calibrate on a validation split for that)."
            if ok else f"\n\nNo setting is within {100 * args.tolerance:g} point(s) of full depth on this split."),
     ]
-    # Cost per exit depth (issue 11): the lead wires the `exit_costs(...)` table in here, as one more entry of
-    # `sections` and a "costs" key of `report`; nothing is reported about cost until then.
+    costs = None
+    if args.cost_repeats > 0:  # cost of every exit depth on the first batch of this data (the survey's table)
+        from .generation.cost import exit_costs
+
+        costs = exit_costs(model, next(iter(batches)), repeats=args.cost_repeats, progress=False)
+        costs.plot(os.path.join(args.output_dir, "exit_costs.png"))
+        sections.append("## Cost per exit depth (one batch of this split)\n\n![exit costs](exit_costs.png)\n\n"
+                        + costs.to_markdown())
     report = {"model": model_args.model_name_or_path, "dataset": data_args.dataset_name,
               "split": data_args.dataset_test_split, "num_examples": len(raw), "layer_accuracy": accuracy,
               "exit_curve": {"policy": curve.policy, "values": curve.values, "accuracy": curve.accuracy,
                              "mean_exit_layer": curve.mean_exit_layer, "full_accuracy": curve.full_accuracy,
-                             "chosen": curve.chosen, "tolerance": args.tolerance}}
+                             "chosen": curve.chosen, "tolerance": args.tolerance},
+              "costs": None if costs is None else costs.rows}
     _write_report(args.output_dir, "hf-align evaluate", sections, report)
     print("accuracy of every block: " + ", ".join(f"{100 * a:.1f}%" for a in accuracy))
     if ok:

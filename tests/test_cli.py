@@ -146,8 +146,14 @@ def test_evaluate_text(text_setup, tmp_path):
     assert main(["evaluate", "--model_name_or_path", str(trained), "--dataset_name", str(root / "data"),
                  "--output_dir", str(report_dir), "--values", "0.34", "0.4", "0.5", "--batch_size", "7"]) == 0
     report = json.loads((report_dir / "report.json").read_text())
-    for name in ("report.md", "layer_accuracy.png", "exit_curve.png"):
+    for name in ("report.md", "layer_accuracy.png", "exit_curve.png", "exit_costs.png"):
         assert (report_dir / name).exists()
+    # the cost table: one row per exit depth, blocks run = depth, counted FLOPs at the analytic count
+    costs = report["costs"]
+    L = len(report["layer_accuracy"])
+    assert [r["exit_layer"] for r in costs] == [r["blocks_run"] for r in costs] == list(range(1, L + 1))
+    assert all(abs(r["flops_rel_err"]) < 0.02 for r in costs)
+    assert all(a["flops"] < b["flops"] for a, b in zip(costs, costs[1:]))
     rows = colour_texts(30, seed=2)
     model, logits, own, _ = _reference_layer_logits(trained, [t for t, _ in rows])
     np.testing.assert_allclose(logits[:, -1], own, atol=1e-5)  # the reference reproduces the model's own logits
