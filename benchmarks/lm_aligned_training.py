@@ -32,8 +32,10 @@ from common import CACHE, RESULTS, machine_info, plot_panels  # noqa: E402
 LM_CACHE = os.path.join(CACHE, "lm")
 BLOCK_SIZE = 128
 VOCAB = 4096
-LAYERS = 8
-HIDDEN = 256
+# family -> (blocks, hidden size): the Llama is sized so that compute, not Python overhead, dominates a
+# single-token forward on CPU (self-speculative decoding drafts with its first blocks); the GPT-2 is smaller
+# so that both families' runs fit the 2 shared CPU cores of the machine the results were made on.
+SIZES = {"llama": (8, 256), "gpt2": (6, 128)}
 # run name -> (family, layer_weights)
 RUNS = {
     "llama-standard": ("llama", "last"),
@@ -60,13 +62,14 @@ def build_model(family: str, tokenizer, seed: int = 0):
     torch.manual_seed(seed)
     special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                    pad_token_id=tokenizer.pad_token_id)
+    layers, hidden = SIZES[family]
     if family == "llama":
-        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=HIDDEN, intermediate_size=4 * HIDDEN,
-                             num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=4,
+        config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=4 * hidden,
+                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                              max_position_embeddings=2 * BLOCK_SIZE, tie_word_embeddings=False, **special)
         return LlamaForCausalLM(config)
     if family == "gpt2":
-        config = GPT2Config(vocab_size=len(tokenizer), n_embd=HIDDEN, n_layer=LAYERS, n_head=4,
+        config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=4,
                             n_positions=2 * BLOCK_SIZE, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **special)
         return GPT2LMHeadModel(config)
     raise ValueError(f"unknown family {family!r}")
@@ -91,7 +94,8 @@ def train_run(name: str, family: str, weights, tokenizer, train, test, steps: in
     meta = {"run": name, "family": family, "layer_weights": weights, "weights": trainer.layer_loss_weights,
             "metrics": metrics, "train_seconds": seconds, "seed": seed, "train": {**TRAIN, "max_steps": steps},
             "train_tokens": len(train) * BLOCK_SIZE, "eval_tokens": len(test) * BLOCK_SIZE,
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": sum(p.numel() for p in model.parameters()), "layers": SIZES[family][0],
+            "hidden": SIZES[family][1],
             "log_history": trainer.state.log_history}
     with open(os.path.join(out, "hf_align_benchmark.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -109,7 +113,7 @@ def export(name: str, root: str) -> None:
 
 
 def perplexities(meta: dict) -> list[float]:
-    return [meta["metrics"][f"eval_layer_{l}_perplexity"] for l in range(1, LAYERS + 1)]
+    return [meta["metrics"][f"eval_layer_{l}_perplexity"] for l in range(1, meta["layers"] + 1)]
 
 
 def report(metas: dict, out: str, command: str) -> None:
@@ -127,10 +131,11 @@ def report(metas: dict, out: str, command: str) -> None:
         runs = {n: m for n, m in metas.items() if m["family"] == fam}
         std = runs.get(f"{fam}-standard")
         first = next(iter(runs.values()))
-        lines += [f"## {fam} ({first['params'] / 1e6:.2f}M parameters, {LAYERS} blocks, hidden {HIDDEN}; "
+        n_layers = first["layers"]
+        lines += [f"## {fam} ({first['params'] / 1e6:.2f}M parameters, {n_layers} blocks, hidden {first['hidden']}; "
                   f"{first['train']['max_steps']} steps x {first['train']['per_device_train_batch_size']} x {BLOCK_SIZE} tokens)", ""]
-        header = "| run | layer_weights | " + " | ".join(f"L{l}" for l in range(1, LAYERS + 1)) + " | train s |"
-        lines += [header, "|" + "---|" * (LAYERS + 3)]
+        header = "| run | layer_weights | " + " | ".join(f"L{l}" for l in range(1, n_layers + 1)) + " | train s |"
+        lines += [header, "|" + "---|" * (n_layers + 3)]
         for n, m in runs.items():
             ppl = perplexities(m)
             lw = m["layer_weights"] if isinstance(m["layer_weights"], str) else "[" + ", ".join(f"{w:g}" for w in m["layer_weights"]) + "]"
@@ -143,15 +148,15 @@ def report(metas: dict, out: str, command: str) -> None:
                     continue
                 a = perplexities(m)
                 final_ratio = a[-1] / s[-1]
-                mid = LAYERS // 2
+                mid = n_layers // 2
                 summary[n] = {"final_ppl_ratio_vs_standard": final_ratio, "within_5pct": final_ratio <= 1.05,
                               f"layer_{mid}_ppl_aligned": a[mid - 1], f"layer_{mid}_ppl_standard": s[mid - 1],
-                              "intermediate_ppl_ratios_standard_over_aligned": [s[i] / a[i] for i in range(LAYERS - 1)]}
+                              "intermediate_ppl_ratios_standard_over_aligned": [s[i] / a[i] for i in range(n_layers - 1)]}
                 lines.append(f"- **{n}** vs {std['run']}: final-layer perplexity ratio {final_ratio:.4f} "
                              f"({'within' if final_ratio <= 1.05 else 'NOT within'} 5%); at block {mid}: "
                              f"{a[mid - 1]:.2f} vs {s[mid - 1]:.2f} (standard/aligned = {s[mid - 1] / a[mid - 1]:.1f}x); "
-                             f"blocks 1..{LAYERS - 1}: standard/aligned ratio "
-                             + ", ".join(f"{s[i] / a[i]:.1f}" for i in range(LAYERS - 1)) + ".")
+                             f"blocks 1..{n_layers - 1}: standard/aligned ratio "
+                             + ", ".join(f"{s[i] / a[i]:.1f}" for i in range(n_layers - 1)) + ".")
             lines.append("")
     lines += ["Machine: " + json.dumps(machine_info()), ""]
     with open(os.path.join(out, "lm_aligned_training.md"), "w") as f:
@@ -159,7 +164,7 @@ def report(metas: dict, out: str, command: str) -> None:
     with open(os.path.join(out, "lm_aligned_training.json"), "w") as f:
         json.dump({"runs": {n: {k: v for k, v in m.items() if k != "log_history"} for n, m in metas.items()},
                    "summary": summary, "command": command}, f, indent=1)
-    panels = {fam: {n: (list(range(1, LAYERS + 1)), [math.log(p) for p in perplexities(m)])
+    panels = {fam: {n: (list(range(1, m["layers"] + 1)), [math.log(p) for p in perplexities(m)])
                     for n, m in metas.items() if m["family"] == fam} for fam in families}
     plot_panels(panels, os.path.join(out, "lm_aligned_training.png"), xlabel="block l (shared final norm + LM head)",
                 ylabel="held-out log perplexity")
@@ -197,6 +202,8 @@ def main():
         if os.path.exists(path):
             with open(path) as f:
                 metas[name] = json.load(f)
+            metas[name].setdefault("layers", SIZES[metas[name]["family"]][0])  # runs saved before sizes were stored
+            metas[name].setdefault("hidden", SIZES[metas[name]["family"]][1])
     if metas:
         report(metas, args.out, "python benchmarks/lm_aligned_training.py " + " ".join(sys.argv[1:]))
 

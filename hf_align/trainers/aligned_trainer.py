@@ -53,7 +53,10 @@ class AlignedTrainer(Trainer):
     the model's own logits, so ``layer_weights="last"`` is exactly standard training.
 
     Evaluation adds ``eval_layer_{l}_accuracy`` and ``eval_layer_{l}_loss`` for every block l = 1..L,
-    ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth). Training logs
+    ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth); for causal LMs
+    also ``eval_layer_{l}_perplexity = exp(sum_tokens -log p_l(next token) / n_tokens)`` over the whole eval set
+    and ``eval_perplexity`` (the last block's). Options of the LM recipe (layer dropout, early-exit curricula)
+    are in :class:`AlignedTrainingArguments` and :mod:`hf_align.trainers.curricula`. Training logs
     add ``layer_{l}_loss``. Saving writes a model card with the layer-wise table and plot; the saved model is
     a plain transformers model.
     """
