@@ -36,12 +36,23 @@ VOCAB = 4096
 # single-token forward on CPU (self-speculative decoding drafts with its first blocks); the GPT-2 is smaller
 # so that both families' runs fit the 2 shared CPU cores of the machine the results were made on.
 SIZES = {"llama": (8, 256), "gpt2": (6, 128)}
+
+
+def last_heavy(num_layers: int, last: float = 0.5) -> list[float]:
+    """``w_L = last``; blocks 1..L-1 share ``1 - last`` in proportion to depth (the paper's linear scheme)."""
+    rest = [2 * l / ((num_layers - 1) * num_layers) * (1 - last) for l in range(1, num_layers)]
+    return rest + [last]
+
+
 # run name -> (family, layer_weights)
 RUNS = {
     "llama-standard": ("llama", "last"),
     "llama-aligned": ("llama", "linear"),
     "gpt2-standard": ("gpt2", "last"),
     "gpt2-aligned": ("gpt2", "linear"),
+    # more weight on the last block (w_L = 0.5), if "linear" costs the final layer more than 5% perplexity
+    "llama-aligned-last50": ("llama", last_heavy(SIZES["llama"][0])),
+    "gpt2-aligned-last50": ("gpt2", last_heavy(SIZES["gpt2"][0])),
 }
 TRAIN = dict(max_steps=160, per_device_train_batch_size=16, learning_rate=2e-3, warmup_steps=16, weight_decay=0.1,
              lr_scheduler_type="cosine", adam_beta2=0.98, max_grad_norm=1.0)

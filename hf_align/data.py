@@ -147,7 +147,7 @@ def load_python_docs_texts(test_fraction: float = 0.1, seed: int = 0) -> dict[st
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 4096, model_max_length: int = 1024):
-    """A GPT-2-style byte-level BPE tokenizer trained on ``texts`` (no download), as a ``PreTrainedTokenizerFast``.
+    """A byte-level BPE tokenizer trained on ``texts`` (no download), as a ``PreTrainedTokenizerFast``.
 
     Byte-level, so every string is encodable (no unknown token); one special token ``<|endoftext|>`` (id 0)
     serves as BOS, EOS and padding. BPE training with the ``tokenizers`` library is deterministic for the

@@ -262,6 +262,11 @@ def test_curriculum_loss_is_the_active_layers_loss(tmp_path):
 
 
 def test_recipe_options_validate(tmp_path):
+    model = tiny_model("llama", "LlamaForCausalLM")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="gradient_checkpointing"):
+        AlignedTrainer(model=model, args=args_for(tmp_path, layer_dropout=0.1, gradient_checkpointing=True))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     for bad in [dict(layer_dropout=1.0), dict(layer_dropout=-0.1), dict(layer_dropout_scale="cubic"),
                 dict(early_exit_curriculum="random"), dict(early_exit_every=0), dict(early_exit_gradual_fraction=0.0)]:
         with pytest.raises(ValueError, match=next(iter(bad))):

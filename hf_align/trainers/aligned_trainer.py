@@ -72,6 +72,10 @@ class AlignedTrainer(Trainer):
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
         self.layer_dropout_probs = layer_dropout_probs(args.layer_dropout, num_layers, args.layer_dropout_scale)
+        if args.layer_dropout > 0 and args.gradient_checkpointing:
+            # the skip is applied by forward hooks, which are gone when checkpointed blocks are recomputed
+            raise ValueError("layer_dropout > 0 cannot be combined with gradient_checkpointing=True; "
+                             f"got layer_dropout={args.layer_dropout} with gradient checkpointing on")
         bound = inspect.signature(Trainer.__init__).bind(self, model, args, *pargs, **kwargs).arguments
         eval_dataset = bound.get("eval_dataset")
         for name, dataset in [("train_dataset", bound.get("train_dataset"))] + (
