@@ -131,12 +131,17 @@ def report(metas: dict, out: str, command: str) -> None:
     os.makedirs(out, exist_ok=True)
     families = sorted({m["family"] for m in metas.values()})
     lines = ["# Aligned training of decoder LMs (standard vs aligned, from scratch)", "",
-             f"Command: `{command}`", "",
+             f"Command (this report): `{command}`. Each run was trained by "
+             "`python benchmarks/lm_aligned_training.py --runs <run> --export /work/lmcache` (runs in the cache are "
+             "not retrained; `--report-only` rebuilds this page from them).", "",
              "Data: the Python Language Reference topics in CPython's standard library (`pydoc_data.topics`, "
              "PSF License), split by topic (71 train / 8 held-out test topics); byte-level BPE tokenizer with "
              f"{VOCAB} tokens trained on the train topics; blocks of {BLOCK_SIZE} tokens. "
              "Perplexity is exp of the token-weighted mean next-token NLL over all held-out tokens, through the "
-             "model's own final norm + LM head applied after block l (`eval_layer_{l}_perplexity`).", ""]
+             "model's own final norm + LM head applied after block l (`eval_layer_{l}_perplexity`). "
+             "Both recipes of a family: same config, initialisation seed, data order, optimizer (AdamW, cosine "
+             "schedule), steps; only `layer_weights` differs. `train s` is wall-clock on a machine shared with "
+             "other jobs (2 cores), not a cost measure.", ""]
     summary = {}
     for fam in families:
         runs = {n: m for n, m in metas.items() if m["family"] == fam}
