@@ -53,6 +53,9 @@ RUNS = {
     # more weight on the last block (w_L = 0.5), if "linear" costs the final layer more than 5% perplexity
     "llama-aligned-last50": ("llama", last_heavy(SIZES["llama"][0])),
     "gpt2-aligned-last50": ("gpt2", last_heavy(SIZES["gpt2"][0])),
+    # torchtune's gradual early-exit curriculum: exits join from the last block towards the first (all on at 50%)
+    "llama-aligned-gradual": ("llama", "linear", {"early_exit_curriculum": "gradual"}),
+    "gpt2-aligned-gradual": ("gpt2", "linear", {"early_exit_curriculum": "gradual"}),
 }
 TRAIN = dict(max_steps=160, per_device_train_batch_size=16, learning_rate=2e-3, warmup_steps=16, weight_decay=0.1,
              lr_scheduler_type="cosine", adam_beta2=0.98, max_grad_norm=1.0)
@@ -86,7 +89,8 @@ def build_model(family: str, tokenizer, seed: int = 0):
     raise ValueError(f"unknown family {family!r}")
 
 
-def train_run(name: str, family: str, weights, tokenizer, train, test, steps: int, seed: int = 0, log=print) -> dict:
+def train_run(name: str, family: str, weights, tokenizer, train, test, steps: int, seed: int = 0, log=print,
+              options: dict | None = None) -> dict:
     from hf_align import AlignedTrainer, AlignedTrainingArguments
 
     out = os.path.join(LM_CACHE, name)
@@ -94,7 +98,7 @@ def train_run(name: str, family: str, weights, tokenizer, train, test, steps: in
     args = AlignedTrainingArguments(
         output_dir=out, layer_weights=weights, seed=seed, report_to=[], save_strategy="no", logging_steps=20,
         per_device_eval_batch_size=32, use_cpu=True, dataloader_num_workers=0, disable_tqdm=False,
-        **{**TRAIN, "max_steps": steps},
+        **{**TRAIN, "max_steps": steps}, **(options or {}),
     )
     trainer = AlignedTrainer(model=model, args=args, train_dataset=train, eval_dataset=test, processing_class=tokenizer)
     start = time.perf_counter()
@@ -103,6 +107,7 @@ def train_run(name: str, family: str, weights, tokenizer, train, test, steps: in
     metrics = trainer.evaluate()
     trainer.save_model(out)  # model (safetensors) + tokenizer + model card
     meta = {"run": name, "family": family, "layer_weights": weights, "weights": trainer.layer_loss_weights,
+            "options": options or {},
             "metrics": metrics, "train_seconds": seconds, "seed": seed, "train": {**TRAIN, "max_steps": steps},
             "train_tokens": len(train) * BLOCK_SIZE, "eval_tokens": len(test) * BLOCK_SIZE,
             "params": sum(p.numel() for p in model.parameters()), "layers": SIZES[family][0],
@@ -155,6 +160,8 @@ def report(metas: dict, out: str, command: str) -> None:
         for n, m in runs.items():
             ppl = perplexities(m)
             lw = m["layer_weights"] if isinstance(m["layer_weights"], str) else "[" + ", ".join(f"{w:g}" for w in m["layer_weights"]) + "]"
+            if m.get("options"):
+                lw += " + " + ", ".join(f"{k}={v}" for k, v in m["options"].items())
             lines.append(f"| {n} | {lw} | " + " | ".join(f"{p:.2f}" for p in ppl) + f" | {m['train_seconds']:.0f} |")
         lines.append("")
         if std is not None:
@@ -208,8 +215,8 @@ def main():
             if os.path.exists(meta_path) and not args.force:
                 print(f"{name}: cached")
             else:
-                family, weights = RUNS[name]
-                train_run(name, family, weights, tokenizer, train, test, args.steps)
+                family, weights, *options = RUNS[name]
+                train_run(name, family, weights, tokenizer, train, test, args.steps, options=options[0] if options else None)
             if args.export:
                 export(name, args.export)
     metas = {}
