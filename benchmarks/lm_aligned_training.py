@@ -128,11 +128,20 @@ def export(name: str, root: str) -> None:
     open(os.path.join(dest, "DONE"), "w").close()
 
 
+def unigram_perplexity(tokenizer, train, test) -> float:
+    """Reference: held-out perplexity of the training set's add-one-smoothed unigram distribution (no context)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(train["input_ids"]).ravel(), minlength=len(tokenizer)) + 1.0
+    targets = np.asarray(test["input_ids"])[:, 1:].ravel()  # the tokens the models are scored on
+    return float(np.exp(-np.log(counts[targets] / counts.sum()).mean()))
+
+
 def perplexities(meta: dict) -> list[float]:
     return [meta["metrics"][f"eval_layer_{l}_perplexity"] for l in range(1, meta["layers"] + 1)]
 
 
-def report(metas: dict, out: str, command: str) -> None:
+def report(metas: dict, out: str, command: str, unigram: float | None = None) -> None:
     os.makedirs(out, exist_ok=True)
     families = sorted({m["family"] for m in metas.values()})
     lines = ["# Aligned training of decoder LMs (standard vs aligned, from scratch)", "",
@@ -146,7 +155,9 @@ def report(metas: dict, out: str, command: str) -> None:
              "model's own final norm + LM head applied after block l (`eval_layer_{l}_perplexity`). "
              "Both recipes of a family: same config, initialisation seed, data order, optimizer (AdamW, cosine "
              "schedule), steps; only `layer_weights` differs. `train s` is wall-clock on a machine shared with "
-             "other jobs (2 cores), not a cost measure.", ""]
+             "other jobs (2 cores), not a cost measure."
+             + (f" Reference: a unigram model (token frequencies of the training split, no context) has held-out "
+                f"perplexity {unigram:.1f}." if unigram else ""), ""]
     summary = {}
     for fam in families:
         runs = {n: m for n, m in metas.items() if m["family"] == fam}
@@ -186,7 +197,7 @@ def report(metas: dict, out: str, command: str) -> None:
         f.write("\n".join(lines))
     with open(os.path.join(out, "lm_aligned_training.json"), "w") as f:
         json.dump({"runs": {n: {k: v for k, v in m.items() if k != "log_history"} for n, m in metas.items()},
-                   "summary": summary, "command": command}, f, indent=1)
+                   "summary": summary, "command": command, "unigram_perplexity": unigram}, f, indent=1)
     panels = {fam: {n: (list(range(1, m["layers"] + 1)), [math.log(p) for p in perplexities(m)])
                     for n, m in metas.items() if m["family"] == fam} for fam in families}
     plot_panels(panels, os.path.join(out, "lm_aligned_training.png"), xlabel="block l (shared final norm + LM head)",
@@ -208,8 +219,8 @@ def main():
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; known: {list(RUNS)}")
+    tokenizer, train, test = data()
     if not args.report_only:
-        tokenizer, train, test = data()
         for name in names:
             meta_path = os.path.join(LM_CACHE, name, "hf_align_benchmark.json")
             if os.path.exists(meta_path) and not args.force:
@@ -228,7 +239,8 @@ def main():
             metas[name].setdefault("layers", SIZES[metas[name]["family"]][0])  # runs saved before sizes were stored
             metas[name].setdefault("hidden", SIZES[metas[name]["family"]][1])
     if metas:
-        report(metas, args.out, "python benchmarks/lm_aligned_training.py " + " ".join(sys.argv[1:]))
+        report(metas, args.out, "python benchmarks/lm_aligned_training.py " + " ".join(sys.argv[1:]),
+               unigram=unigram_perplexity(tokenizer, train, test))
 
 
 if __name__ == "__main__":
