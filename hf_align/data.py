@@ -117,3 +117,74 @@ def train_wordpiece_tokenizer(texts, vocab_size: int = 4000, model_max_length: i
     tokenizer.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=model_max_length)
+
+
+def load_python_docs_texts(test_fraction: float = 0.1, seed: int = 0) -> dict[str, list[str]]:
+    """Real English prose that ships offline: the Python Language Reference / Library topics in the stdlib.
+
+    Source: ``pydoc_data.topics.topics`` (part of CPython's standard library; the text of the "Python
+    Language Reference" and built-in help topics, ~465k characters in 3.11; Python Software Foundation
+    License, https://docs.python.org/3/license.html). Each topic (e.g. ``"assert"``, ``"formatstrings"``)
+    is one document. The split is by topic: ``round(test_fraction * n_topics)`` whole topics, drawn with a
+    seeded generator, form the test side, so no test text is seen in training. Whitespace runs inside lines
+    are kept (the reference's code blocks are indented); trailing spaces are removed.
+    Returns ``{"train": [...], "test": [...]}`` (lists of documents, in topic-name order).
+    """
+    from pydoc_data.topics import topics
+
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    names = sorted(topics)
+    rng = np.random.default_rng(seed)
+    n_test = max(1, round(test_fraction * len(names)))
+    test_names = set(rng.choice(names, size=n_test, replace=False).tolist())
+
+    def clean(text: str) -> str:
+        return "\n".join(line.rstrip() for line in text.strip().split("\n"))
+
+    return {"train": [clean(topics[n]) for n in names if n not in test_names],
+            "test": [clean(topics[n]) for n in names if n in test_names]}
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 4096, model_max_length: int = 1024):
+    """A byte-level BPE tokenizer trained on ``texts`` (no download), as a ``PreTrainedTokenizerFast``.
+
+    Byte-level, so every string is encodable (no unknown token); one special token ``<|endoftext|>`` (id 0)
+    serves as BOS, EOS and padding. BPE training with the ``tokenizers`` library is deterministic for the
+    same texts and vocab size (unlike WordPiece training), which tests check by training twice.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 257:
+        raise ValueError(f"vocab_size must be an integer >= 257 (256 bytes + <|endoftext|>), got {vocab_size!r}")
+    eos = "<|endoftext|>"
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[eos], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(list(texts), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=eos, eos_token=eos, pad_token=eos,
+                                   model_max_length=model_max_length)
+
+
+def lm_blocks(texts, tokenizer, block_size: int = 128):
+    """Causal-LM training samples: the documents tokenized, joined with EOS, cut into ``block_size`` tokens.
+
+    Returns a ``datasets.Dataset`` with ``input_ids``, ``attention_mask`` and ``labels`` (= ``input_ids``;
+    the model shifts them). The tail shorter than ``block_size`` is dropped.
+    """
+    from datasets import Dataset
+
+    if not isinstance(block_size, int) or block_size < 2:
+        raise ValueError(f"block_size must be an integer >= 2, got {block_size!r}")
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)  # no length warning
+        ids.append(tokenizer.eos_token_id)
+    n = len(ids) // block_size
+    if n == 0:
+        raise ValueError(f"the texts give {len(ids)} tokens, fewer than one block of {block_size}")
+    blocks = np.asarray(ids[: n * block_size], dtype=np.int64).reshape(n, block_size)
+    return Dataset.from_dict({"input_ids": blocks, "attention_mask": np.ones_like(blocks), "labels": blocks.copy()})

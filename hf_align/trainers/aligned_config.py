@@ -88,6 +88,37 @@ class AlignedTrainingArguments(TrainingArguments):
         metadata={"help": "Causal LM: tokens per chunk when computing each layer's loss through the shared LM "
                   "head; chunks are recomputed in backward (checkpointed) so no layer's full logits are held."},
     )
+    layer_dropout: float = field(
+        default=0.0,
+        metadata={"help": "LayerSkip layer dropout: the skip probability p_max of the last block (training only; "
+                  "0 = off). Block l is skipped, i.e. passes its input through, with probability "
+                  "p_l = p_max * scale((l-1)/(L-1)), drawn independently per sample and per forward from a "
+                  "generator seeded with the trainer's seed."},
+    )
+    layer_dropout_scale: str = field(
+        default="exp",
+        metadata={"help": "How p_l rises from 0 (block 1) to p_max (block L), torchtune's scales: 'exp' "
+                  "(2^x - 1, LayerSkip's choice), 'linear' (x), 'log', 'sin', 'sigmoid' or 'uniform' "
+                  "(p_max everywhere)."},
+    )
+    early_exit_curriculum: str | None = field(
+        default=None,
+        metadata={"help": "Which intermediate blocks carry the loss at each optimizer step (torchtune's "
+                  "early_exit_loss curricula; the last block always does): None (all of aligned_layers), "
+                  "'rotational' (every early_exit_every-th block, the set shifted by one block each step) or "
+                  "'gradual' (blocks join from the last towards the first; all are on after "
+                  "early_exit_gradual_fraction of max_steps)."},
+    )
+    early_exit_every: int = field(
+        default=4,
+        metadata={"help": "Rotational curriculum: R, the loss is on every R-th block (torchtune's layers='0::R') "
+                  "unless aligned_layers is given, whose mask is rotated instead."},
+    )
+    early_exit_gradual_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Gradual curriculum: the fraction of max_steps after which every block carries the loss "
+                  "(torchtune's fraction_scale)."},
+    )
     write_model_card: bool = field(
         default=True,
         metadata={"help": "Write a model card (README.md) with the layer-wise accuracy table and plot when saving."},
@@ -107,5 +138,18 @@ class AlignedTrainingArguments(TrainingArguments):
             self.layer_weights = weights
         if not 0 <= self.minimal_depth_tolerance <= 1:
             raise ValueError(f"minimal_depth_tolerance must be in [0, 1], got {self.minimal_depth_tolerance}")
+        from .curricula import EARLY_EXIT_CURRICULA, LAYER_DROPOUT_SCALES
+
+        if not 0.0 <= self.layer_dropout < 1.0:
+            raise ValueError(f"layer_dropout must be a probability in [0, 1), got {self.layer_dropout!r}")
+        if self.layer_dropout_scale not in LAYER_DROPOUT_SCALES:
+            raise ValueError(f"layer_dropout_scale must be one of {LAYER_DROPOUT_SCALES}, got {self.layer_dropout_scale!r}")
+        if self.early_exit_curriculum is not None and self.early_exit_curriculum not in EARLY_EXIT_CURRICULA:
+            raise ValueError(f"early_exit_curriculum must be None or one of {EARLY_EXIT_CURRICULA}, "
+                             f"got {self.early_exit_curriculum!r}")
+        if not isinstance(self.early_exit_every, int) or self.early_exit_every < 1:
+            raise ValueError(f"early_exit_every must be a positive integer, got {self.early_exit_every!r}")
+        if not 0.0 < self.early_exit_gradual_fraction <= 1.0:
+            raise ValueError(f"early_exit_gradual_fraction must be in (0, 1], got {self.early_exit_gradual_fraction!r}")
         if self.lm_loss_chunk_size < 1:
             raise ValueError(f"lm_loss_chunk_size must be >= 1, got {self.lm_loss_chunk_size}")

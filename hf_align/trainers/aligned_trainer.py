@@ -8,6 +8,7 @@ with ``head`` the model's own head (final norm, pooling, pooler, classifier / LM
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -23,6 +24,14 @@ from ..analysis.data import LABEL_KEYS as _LABEL_KEYS
 from ..analysis.data import check_labels, dataset_labels
 from ..layers import HeadContext, LayerView
 from .aligned_config import AlignedTrainingArguments, layer_weights
+from .curricula import (
+    every_rth_layer,
+    gradual_layers,
+    layer_dropout_mask,
+    layer_dropout_probs,
+    rotational_layers,
+    skipping_blocks,
+)
 
 
 def minimal_depth(accuracies: list[float], tolerance: float) -> int:
@@ -45,7 +54,10 @@ class AlignedTrainer(Trainer):
     the model's own logits, so ``layer_weights="last"`` is exactly standard training.
 
     Evaluation adds ``eval_layer_{l}_accuracy`` and ``eval_layer_{l}_loss`` for every block l = 1..L,
-    ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth). Training logs
+    ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth); for causal LMs
+    also ``eval_layer_{l}_perplexity = exp(sum_tokens -log p_l(next token) / n_tokens)`` over the whole eval set
+    and ``eval_perplexity`` (the last block's). Options of the LM recipe (layer dropout, early-exit curricula)
+    are in :class:`AlignedTrainingArguments` and :mod:`hf_align.trainers.curricula`. Training logs
     add ``layer_{l}_loss``. Saving writes a model card with the layer-wise table and plot; the saved model is
     a plain transformers model.
     """
@@ -61,6 +73,11 @@ class AlignedTrainer(Trainer):
         self._check_batch_labels = False  # set when a dataset's labels cannot be read up front
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
+        self.layer_dropout_probs = layer_dropout_probs(args.layer_dropout, num_layers, args.layer_dropout_scale)
+        if args.layer_dropout > 0 and args.gradient_checkpointing:
+            # the skip is applied by forward hooks, which are gone when checkpointed blocks are recomputed
+            raise ValueError("layer_dropout > 0 cannot be combined with gradient_checkpointing=True; "
+                             f"got layer_dropout={args.layer_dropout} with gradient checkpointing on")
         bound = inspect.signature(Trainer.__init__).bind(self, model, args, *pargs, **kwargs).arguments
         eval_dataset = bound.get("eval_dataset")
         for name, dataset in [("train_dataset", bound.get("train_dataset"))] + (
@@ -70,7 +87,9 @@ class AlignedTrainer(Trainer):
             self._check_labels(dataset, name, bound.get("data_collator"))
         super().__init__(model, args, *pargs, **kwargs)
         self._layer_loss_sum = torch.zeros(num_layers, dtype=torch.float64)
-        self._layer_loss_steps = 0.0
+        self._layer_loss_steps = torch.zeros(num_layers, dtype=torch.float64)
+        # layer dropout draws: seeded by the trainer's seed (and the process, so ranks draw independently)
+        self._dropout_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.process_index)
         self._eval_stats: list[torch.Tensor] | None = None
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -133,7 +152,12 @@ class AlignedTrainer(Trainer):
         model_inputs = {k: v for k, v in inputs.items() if k not in _LABEL_KEYS}
         if self.layer_view.task == "causal-lm":
             model_inputs.setdefault("use_cache", False)
-        with self.layer_view.recording() as hidden:
+        skip = contextlib.nullcontext()
+        if model.training and self.args.layer_dropout > 0:
+            batch = next(v.shape[0] for v in model_inputs.values() if isinstance(v, torch.Tensor))
+            mask = layer_dropout_mask(self.layer_dropout_probs, batch, self._dropout_generator)
+            skip = skipping_blocks(self.layer_view.blocks, mask)
+        with skip, self.layer_view.recording() as hidden:  # skipping hooks first: recording sees their output
             outputs = model(**model_inputs)
         if len(hidden) != self.num_layers:
             raise RuntimeError(f"expected {self.num_layers} block outputs, recorded {len(hidden)}")
@@ -193,10 +217,39 @@ class AlignedTrainer(Trainer):
                 total = total + self._lm_chunk_loss_sum(chunk, chunk_targets)
         return total / denominator
 
-    def layer_losses(self, hidden, logits, context, labels, num_items=None) -> list[torch.Tensor | None]:
+    def current_layer_weights(self, step: int | None = None) -> list[float]:
+        """The loss weights at optimizer step ``step`` (default: the trainer's ``global_step``).
+
+        Without a curriculum these are ``layer_loss_weights``. With ``early_exit_curriculum``, the blocks carrying
+        the loss at this step are those of the curriculum (see :mod:`hf_align.trainers.curricula`) plus the last
+        block; named weight schemes are renormalised over them, explicit lists are used as given on them.
+        """
+        args, L = self.args, self.num_layers
+        if args.early_exit_curriculum is None:
+            return self.layer_loss_weights
+        step = self.state.global_step if step is None else step
+        if args.aligned_layers:
+            initial = [layer in set(args.aligned_layers) for layer in range(1, L + 1)]
+        elif args.early_exit_curriculum == "rotational":
+            initial = every_rth_layer(L, args.early_exit_every)
+        else:
+            initial = [True] * L
+        if args.early_exit_curriculum == "rotational":
+            active = rotational_layers(initial, step)
+        else:
+            max_steps = self.state.max_steps if self.state.max_steps > 0 else args.max_steps
+            active = gradual_layers(initial, step, max_steps, args.early_exit_gradual_fraction)
+        active[-1] = True
+        layers = [layer for layer in range(1, L + 1) if active[layer - 1]]
+        if isinstance(args.layer_weights, str):
+            return layer_weights(args.layer_weights, L, layers)
+        return [w if active[i] else 0.0 for i, w in enumerate(self.layer_loss_weights)]
+
+    def layer_losses(self, hidden, logits, context, labels, num_items=None, weights=None) -> list[torch.Tensor | None]:
         """Per-block losses ``[loss_1, ..., loss_L]`` (None where the weight is 0); the last uses the model's logits."""
         losses: list[torch.Tensor | None] = []
-        for layer, (h, w) in enumerate(zip(hidden, self.layer_loss_weights), start=1):
+        weights = self.layer_loss_weights if weights is None else weights
+        for layer, (h, w) in enumerate(zip(hidden, weights), start=1):
             if w == 0:
                 losses.append(None)
                 continue
@@ -217,8 +270,9 @@ class AlignedTrainer(Trainer):
             check_labels(labels, self._single_label_classes())
         num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         outputs, hidden, context = self._forward_layers(model, inputs)
-        losses = self.layer_losses(hidden, outputs.logits, context, labels, num_items)
-        loss = sum(w * l for w, l in zip(self.layer_loss_weights, losses) if l is not None)
+        weights = self.current_layer_weights() if model.training else self.layer_loss_weights
+        losses = self.layer_losses(hidden, outputs.logits, context, labels, num_items, weights)
+        loss = sum(w * l for w, l in zip(weights, losses) if l is not None)
         scale = 1
         if self.args.average_tokens_across_devices and num_items is not None:
             scale = self.accelerator.num_processes  # as the stock Trainer does (DDP averages gradients)
@@ -226,20 +280,22 @@ class AlignedTrainer(Trainer):
         if model.training and self.args.log_layer_losses:
             # per-layer values on the same footing as the logged loss: the mean over the optimizer step
             values = torch.tensor([0.0 if l is None else l.item() for l in losses], dtype=torch.float64)
+            present = torch.tensor([l is not None for l in losses], dtype=torch.float64)
             accumulation = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             self._layer_loss_sum += values * scale if num_items is not None else values / accumulation
-            self._layer_loss_steps += 1.0 / accumulation
+            self._layer_loss_steps += present / accumulation
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._layer_loss_steps > 0 and self.args.log_layer_losses:
-            per_layer = self._layer_loss_sum / self._layer_loss_steps
+        if "loss" in logs and self._layer_loss_steps.sum() > 0 and self.args.log_layer_losses:
+            # mean over the optimizer steps in which each layer carried the loss (curricula switch layers off)
+            per_layer = self._layer_loss_sum / self._layer_loss_steps.clamp(min=1e-12)
             per_layer = self.accelerator.reduce(per_layer.to(self.args.device), reduction="mean").cpu()
-            for layer, (value, w) in enumerate(zip(per_layer.tolist(), self.layer_loss_weights), start=1):
-                if w > 0:
+            for layer, (value, steps) in enumerate(zip(per_layer.tolist(), self._layer_loss_steps.tolist()), start=1):
+                if steps > 0:
                     logs[f"layer_{layer}_loss"] = round(value, 6)
             self._layer_loss_sum.zero_()
-            self._layer_loss_steps = 0.0
+            self._layer_loss_steps.zero_()
         super().log(logs, start_time)
 
     # -- evaluation ------------------------------------------------------------------------------------
@@ -248,15 +304,31 @@ class AlignedTrainer(Trainer):
         """(B, 2L+1): correct predictions per layer, loss sums per layer, and the number of scored items."""
         rows = []
         if self.layer_view.task == "causal-lm":
-            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            # per sample: sum over its scored tokens of [argmax == next token] and of -log p(next token), through
+            # the shared head in chunks of lm_loss_chunk_size tokens (no layer's (B, T, V) logits are built)
+            shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(logits.device)
             keep = shifted != -100
             count = keep.sum(-1).double()
+            flat = keep.reshape(-1).nonzero().squeeze(1)  # positions of the scored tokens in (B*T)
+            sample, targets = flat // keep.shape[1], shifted.reshape(-1)[flat]
+            size = self.args.lm_loss_chunk_size
             corrects, losses = [], []
             for layer, h in enumerate(hidden, start=1):
-                lg = logits if layer == self.num_layers else self.layer_view.head(h, context, layer=layer)
-                ce = F.cross_entropy(lg.float().transpose(1, 2), shifted, ignore_index=-100, reduction="none")
-                corrects.append(((lg.argmax(-1) == shifted) & keep).sum(-1).double())
-                losses.append(ce.sum(-1).double())
+                correct = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
+                loss = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
+                for start in range(0, flat.shape[0], size):
+                    part = flat[start:start + size]
+                    if layer == self.num_layers:
+                        lg = logits.reshape(-1, logits.shape[-1]).index_select(0, part)
+                    else:
+                        rows_h = h.reshape(-1, h.shape[-1]).index_select(0, part.to(h.device))
+                        lg = self.layer_view.head(rows_h.unsqueeze(0), HeadContext()).squeeze(0)
+                    t = targets[start:start + size].to(lg.device)
+                    ce = F.cross_entropy(lg.float(), t, reduction="none").double()
+                    loss.index_add_(0, sample[start:start + size], ce.to(loss.device))
+                    correct.index_add_(0, sample[start:start + size], (lg.argmax(-1) == t).double().to(loss.device))
+                corrects.append(correct)
+                losses.append(loss)
             rows = corrects + losses + [count]
         else:
             single = self._problem_type(labels) == "single_label_classification"
@@ -314,6 +386,10 @@ class AlignedTrainer(Trainer):
                 accuracies.append(acc)
             if not math.isnan(loss):
                 metrics[f"{prefix}_layer_{layer}_loss"] = loss
+                if self.layer_view.task == "causal-lm":  # exp of the token-weighted mean NLL over the eval set
+                    metrics[f"{prefix}_layer_{layer}_perplexity"] = math.exp(loss)
+        if self.layer_view.task == "causal-lm" and f"{prefix}_layer_{L}_perplexity" in metrics:
+            metrics[f"{prefix}_perplexity"] = metrics[f"{prefix}_layer_{L}_perplexity"]
         if len(accuracies) == L:
             metrics[f"{prefix}_minimal_depth"] = float(minimal_depth(accuracies, self.args.minimal_depth_tolerance))
             metrics[f"{prefix}_monotone"] = float(is_monotone(accuracies))
@@ -398,6 +474,9 @@ class AlignedTrainer(Trainer):
             "global_step": self.state.global_step,
             "seed": args.seed,
             "world_size": args.world_size,
+            **({"layer_dropout": args.layer_dropout, "layer_dropout_scale": args.layer_dropout_scale}
+               if args.layer_dropout > 0 else {}),
+            **({"early_exit_curriculum": args.early_exit_curriculum} if args.early_exit_curriculum else {}),
         }
 
 
