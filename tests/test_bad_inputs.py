@@ -19,14 +19,6 @@ SENTENCES = ["solve a linear system", "the fast fourier transform", "fit a norma
              "interpolate a smooth spline", "the gamma function"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def bert(dropout=0.5, vocab=99, pad=0, init=0.02):
     """A tiny BERT whose dropout (p=0.5) would visibly change every output in train mode."""
     torch.manual_seed(0)

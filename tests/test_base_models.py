@@ -31,14 +31,6 @@ DECODERS = ("gpt2", "llama", "mistral", "qwen2")
 N, K = 30, 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def base_model(family, seed=0):
     torch.manual_seed(seed)
     return getattr(T, BASE[family])(tiny_config(family)).eval()

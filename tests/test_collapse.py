@@ -28,15 +28,6 @@ from hf_align.collapse import (
 rng = np.random.default_rng(0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny torch ops with several intra-op threads crawl on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def simplex_etf(K, d, seed=0):
     """K unit vectors in R^d (K <= d+1) with pairwise cosine -1/(K-1), randomly rotated."""
     Q = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))[0]

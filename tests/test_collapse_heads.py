@@ -22,14 +22,6 @@ CASES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make_data(name, seed=1):
     """Tokenized rows as a tokenizer makes them ([CLS]=2 ... [SEP]=3, unpadded) or images; labels 0..K-1;
     and the same samples as one padded batch for the reference forward."""

@@ -16,14 +16,6 @@ N = 48
 TOL = {torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def text_data():
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -36,16 +36,6 @@ def _prompts(batch):
     return ids[:batch], mask[:batch]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # these are many tiny sequential forwards: on a shared 2-core machine two intra-op threads spin-wait on each
-    # other and run them tens of times slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module", params=DECODERS, ids=[d[0] for d in DECODERS])
 def decoder(request):
     return _decoder(*request.param)
