@@ -8,7 +8,7 @@ One classifier and one causal LM, each measured by ``hf_align.exit_costs``:
   128, 4 heads, intermediate 256, vocabulary 4,000, 8 labels); one forward of 32 x 64 tokens;
 * LM: the Llama of ``benchmarks/lm_aligned_training.py`` (8 blocks, hidden 256, 4 heads, intermediate 1,024,
   vocabulary 4,096): one decoding step of batch 1 with a KV cache of 128 tokens, and one prompt forward of
-  8 x 128 tokens. The trained model in /work/lmcache/llama-aligned is used when it is there (DONE file);
+  8 x 128 tokens. The trained model benchmarks/.cache/lm/llama-aligned is used when it is there (DONE file);
   otherwise the same architecture with random weights - costs do not depend on the weight values.
 
 Writes benchmarks/results/exit_costs.md, exit_costs_classifier.png, exit_costs_lm_decode.png and
@@ -24,9 +24,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, machine_info  # noqa: E402
+from common import CACHE, RESULTS, machine_info  # noqa: E402
 
-LM_DIR = "/work/lmcache/llama-aligned"
+# saved by benchmarks/lm_aligned_training.py (the committed results used its --export copy in /work/lmcache)
+LM_DIR = os.path.join(os.environ.get("HF_ALIGN_LM_ROOT", os.path.join(CACHE, "lm")), "llama-aligned")
 
 
 def classifier():
@@ -41,7 +42,7 @@ def classifier():
 def language_model():
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    if os.path.exists(os.path.join(LM_DIR, "DONE")):
+    if any(os.path.exists(os.path.join(LM_DIR, f)) for f in ("DONE", "hf_align_benchmark.json")):  # export / cache
         model = AutoModelForCausalLM.from_pretrained(LM_DIR, use_safetensors=True, trust_remote_code=False)
         return model.eval(), f"trained weights from {LM_DIR}"
     torch.manual_seed(0)

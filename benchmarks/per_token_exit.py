@@ -4,7 +4,7 @@
                                         [--confidence softmax] [--min-exit-layer 1] [--repeats 5]
                                         [--prompts 8] [--prompt-tokens 32] [--new-tokens 32] [--score-blocks 8]
 
-Models: the decoders trained by ``benchmarks/lm_aligned_training.py`` and exported to /work/lmcache/<name>
+Models: the decoders trained by ``benchmarks/lm_aligned_training.py`` and saved to benchmarks/.cache/lm/<name> (or $HF_ALIGN_LM_ROOT/<name>)
 (used when their DONE file is there, with their own tokenizer). A name that is not there is replaced by a
 random-weight Llama of the same architecture (labelled "random-init") with random-token prompts, which only
 exercises the mechanics - its quality numbers mean nothing.
@@ -39,9 +39,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS, machine_info, plot_panels  # noqa: E402
+from common import CACHE, RESULTS, machine_info, plot_panels  # noqa: E402
 
-LM_ROOT = "/work/lmcache"
+# where benchmarks/lm_aligned_training.py saves its runs (the committed results used its --export copy,
+# /work/lmcache/<run>, on the machine that made them: the same files)
+LM_ROOT = os.environ.get("HF_ALIGN_LM_ROOT", os.path.join(CACHE, "lm"))
 
 
 def held_out_texts(test_fraction: float = 0.1, seed: int = 0) -> list[str]:
@@ -58,7 +60,7 @@ def load(name: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     path = os.path.join(LM_ROOT, name)
-    if os.path.exists(os.path.join(path, "DONE")):
+    if any(os.path.exists(os.path.join(path, f)) for f in ("DONE", "hf_align_benchmark.json")):  # export / cache
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False)
         return model.eval(), AutoTokenizer.from_pretrained(path), path
     torch.manual_seed(0)

@@ -1,7 +1,7 @@
 """Benchmark: self-speculative decoding vs plain greedy generate vs transformers' assistant_early_exit.
 
-    python benchmarks/speculative_decoding.py --model-dir /work/lmcache/llama-aligned \
-        --compare-dir /work/lmcache/llama-standard [--exit-layers 1 2 3 4] [--draft-tokens 2 4 6] \
+    python benchmarks/speculative_decoding.py --model-dir benchmarks/.cache/lm/llama-aligned \
+        --compare-dir benchmarks/.cache/lm/llama-standard [--exit-layers 1 2 3 4] [--draft-tokens 2 4 6] \
         [--new-tokens 48] [--prompts 4] [--repeats 5] [--name llama]
 
 Same model, same prompts, batch size 1, greedy, float32, one thread. Every repeat runs every method on every prompt
