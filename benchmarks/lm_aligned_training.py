@@ -2,6 +2,7 @@
 
     python benchmarks/lm_aligned_training.py [--runs llama-standard,llama-aligned,...] [--export /work/lmcache]
                                              [--out benchmarks/results] [--steps N] [--force] [--report-only]
+                                             [--sizes llama=6x128]
 
 Data: the Python Language Reference topics shipped in CPython's standard library (``pydoc_data.topics``,
 PSF License; see ``hf_align.data.load_python_docs_texts``), split by topic. Tokenizer: a byte-level BPE
@@ -213,7 +214,14 @@ def main():
     parser.add_argument("--force", action="store_true", help="retrain runs found in the cache")
     parser.add_argument("--report-only", action="store_true", help="only write the report from cached runs")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sizes", nargs="*", default=[], metavar="FAMILY=LxH",
+                        help=f"override a family's blocks x hidden size (default {SIZES}), e.g. llama=6x128")
     args = parser.parse_args()
+    for item in args.sizes:
+        family, _, size = item.partition("=")
+        if family not in SIZES or "x" not in size:
+            parser.error(f"--sizes expects FAMILY=LxH with FAMILY in {list(SIZES)}, got {item!r}")
+        SIZES[family] = tuple(int(v) for v in size.split("x"))
     torch.set_num_threads(args.threads)
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
