@@ -147,7 +147,7 @@ def report(metas: dict, out: str, command: str, unigram: float | None = None) ->
     families = sorted({m["family"] for m in metas.values()})
     lines = ["# Aligned training of decoder LMs (standard vs aligned, from scratch)", "",
              f"Command (this report): `{command}`. Each run was trained by "
-             "`python benchmarks/lm_aligned_training.py --runs <run> --export /work/lmcache` (runs in the cache are "
+             "`python benchmarks/lm_aligned_training.py --runs <run> [--steps N] [--sizes ...]`, one process per run (runs in the cache are "
              "not retrained; `--report-only` rebuilds this page from them).", "",
              "Data: the Python Language Reference topics in CPython's standard library (`pydoc_data.topics`, "
              "PSF License), split by topic (71 train / 8 held-out test topics); byte-level BPE tokenizer with "
