@@ -47,13 +47,10 @@ LM_ROOT = os.environ.get("HF_ALIGN_LM_ROOT", os.path.join(CACHE, "lm"))
 
 
 def held_out_texts(test_fraction: float = 0.1, seed: int = 0) -> list[str]:
-    """The held-out topics of ``pydoc_data.topics`` (the training benchmark's split rule)."""
-    from pydoc_data.topics import topics
+    """The held-out topics of ``pydoc_data.topics`` (the training benchmark's split)."""
+    from hf_align.data import load_python_docs_texts
 
-    names = sorted(topics)
-    rng = np.random.default_rng(seed)
-    test = set(rng.choice(names, size=max(1, round(test_fraction * len(names))), replace=False).tolist())
-    return ["\n".join(line.rstrip() for line in topics[n].strip().split("\n")) for n in names if n in test]
+    return load_python_docs_texts(test_fraction, seed)["test"]
 
 
 def load(name: str):
