@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..layers import preserved_state
+
 __all__ = [
     "LABEL_KEYS",
     "check_dataset_labels",
@@ -298,13 +300,10 @@ def to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str
 @contextlib.contextmanager
 def eval_mode(*models: nn.Module | None) -> Iterator[None]:
     """Eval mode (dropout off) for every module of ``models`` inside the block; on exit each module gets back
-    its own train/eval flag, whatever happened inside."""
-    saved = [(m, m.training) for model in models if model is not None for m in model.modules()]
-    try:
+    its own train/eval flag, whatever happened inside (:func:`hf_align.layers.preserved_state` per model)."""
+    with contextlib.ExitStack() as stack:  # restored in reverse order, so shared modules end as they began
         for model in models:
             if model is not None:
+                stack.enter_context(preserved_state(model))
                 model.eval()
         yield
-    finally:
-        for module, training in saved:
-            module.training = training
