@@ -12,10 +12,12 @@ import PIL.Image
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
 from diffusers.image_processor import VaeImageProcessor
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..diffusion.images import bicubic_downsample, bicubic_upsample
+
+logger = logging.get_logger(__name__)
 
 __all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample",
            "register_diffusers_pipeline"]
@@ -70,6 +72,19 @@ class SuperResolutionPipeline(DiffusionPipeline):
         self.register_to_config(scale_factor=int(scale_factor), residual=bool(residual),
                                 residual_scale=float(residual_scale))
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
+
+    def _warn_if_scheduler_clips_targets(self) -> None:
+        """Residuals ``residual_scale * (x - u)`` lie in ``[-2 residual_scale, 2 residual_scale]``; a scheduler that
+        clips the predicted x0 to a smaller range truncates them silently (diffusers' default is [-1, 1])."""
+        cfg = self.scheduler.config
+        bound = 2.0 * float(self.config.residual_scale) if self.config.residual else 1.0
+        rng = float(cfg.get("clip_sample_range", 1.0))
+        if cfg.get("clip_sample", False) and rng < bound - 1e-12:
+            logger.warning(
+                f"the scheduler clips the predicted x0 to [-{rng:g}, {rng:g}] but this pipeline's targets span "
+                f"[-{bound:g}, {bound:g}]; large residuals are truncated. Set pipe.scheduler = "
+                f"type(pipe.scheduler).from_config(pipe.scheduler.config, clip_sample_range={bound:g})."
+            )
 
     # ------------------------------------------------------------------ inputs
     @property
@@ -236,6 +251,7 @@ class SuperResolutionPipeline(DiffusionPipeline):
         dtype = self.unet.dtype
         up = bicubic_upsample(lr, s).to(device=device, dtype=dtype)
 
+        self._warn_if_scheduler_clips_targets()
         self.scheduler.set_timesteps(int(num_inference_steps), device=device)
         shape = (batch, self.image_channels, hr_h, hr_w)
         x = randn_tensor(shape, generator=generator, device=device, dtype=dtype)

@@ -35,7 +35,7 @@ from hf_align.pipelines.super_resolution import SuperResolutionPipeline
 
 from .dream_config import DREAMTrainingArguments
 
-__all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics"]
+__all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics", "target_range"]
 
 _EMA_STATE = "ema_state.json"
 _TRAIN_UNET = "unet_train"
@@ -46,8 +46,10 @@ class SRPairCollator:
     """Make (LR, HR) pairs on the fly: a crop of ``crop_size`` (random, or centred when ``random_crop=False``),
     HR in [-1, 1], LR = anti-aliased bicubic down-sample by ``scale_factor``, ``up`` = bicubic up-sample of LR.
 
-    Returns ``{"hr": (B, C, S, S), "lr": (B, C, S/s, S/s), "up": (B, C, S, S)}``. Random crops draw from torch's
-    global RNG (seeded by the Trainer).
+    Returns ``{"hr": (B, C, S, S), "lr": (B, C, S/s, S/s), "up": (B, C, S, S)}``. Random crops draw from
+    ``generator`` when one is given (``collator(features, generator=g)`` or :meth:`pairs`), else from torch's
+    global RNG. :class:`DREAMTrainer` crops inside its training step with a generator seeded per step, so that
+    resuming from a checkpoint repeats the uninterrupted run exactly.
     """
 
     def __init__(self, crop_size: int, scale_factor: int, image_column: str = "image", random_crop: bool = True,
@@ -57,7 +59,7 @@ class SRPairCollator:
         self.crop_size, self.scale_factor = int(crop_size), int(scale_factor)
         self.image_column, self.random_crop, self.channels = image_column, random_crop, channels
 
-    def _crop(self, img: Any) -> torch.Tensor:
+    def _crop(self, img: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.crop_size
         if isinstance(img, PIL.Image.Image):
             w, h = img.size
@@ -67,23 +69,48 @@ class SRPairCollator:
         if h < s or w < s:
             raise ValueError(f"image of size {h}x{w} is smaller than crop_size={s}")
         if self.random_crop:
-            top = int(torch.randint(0, h - s + 1, ()).item())
-            left = int(torch.randint(0, w - s + 1, ()).item())
+            top = int(torch.randint(0, h - s + 1, (), generator=generator).item())
+            left = int(torch.randint(0, w - s + 1, (), generator=generator).item())
         else:
             top, left = (h - s) // 2, (w - s) // 2
         if isinstance(img, PIL.Image.Image):
             return _image_to_chw(img.crop((left, top, left + s, top + s)), self.channels)
         return _image_to_chw(np.asarray(img)[top : top + s, left : left + s], self.channels)
 
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, features: list[dict[str, Any]], generator: torch.Generator | None = None
+                 ) -> dict[str, torch.Tensor]:
         if len(features) == 0:
             raise ValueError("empty batch")
         if self.image_column not in features[0]:
             raise KeyError(f"column {self.image_column!r} not in dataset features {sorted(features[0])}")
-        hr = torch.stack([self._crop(f[self.image_column]) for f in features]) * 2.0 - 1.0
+        return self.pairs([f[self.image_column] for f in features], generator)
+
+    def pairs(self, images: list[Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Crop ``images`` (PIL / HWC arrays / ``(C, H, W)`` tensors in [0, 1]) and build the (LR, HR, up) batch."""
+        hr = torch.stack([self._crop(self._hwc(img), generator) for img in images]) * 2.0 - 1.0
         lr = bicubic_downsample(hr, self.scale_factor)
         up = bicubic_upsample(lr, self.scale_factor)
         return {"hr": hr, "lr": lr, "up": up}
+
+    def _hwc(self, img: Any) -> Any:
+        if isinstance(img, torch.Tensor) and img.ndim == 3 and img.shape[0] == self.channels:
+            return img.permute(1, 2, 0).numpy()  # (C, H, W) from the deferred-crop collator
+        return img
+
+
+class _UncroppedImages:
+    """The trainer's default training collator: only decodes the images (``{"images": [(C, H, W) in [0, 1]]}``);
+    the random crops are drawn in :meth:`DREAMTrainer.training_step` from a generator seeded per step."""
+
+    def __init__(self, image_column: str, channels: int):
+        self.image_column, self.channels = image_column, channels
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
+        if len(features) == 0:
+            raise ValueError("empty batch")
+        if self.image_column not in features[0]:
+            raise KeyError(f"column {self.image_column!r} not in dataset features {sorted(features[0])}")
+        return {"images": [_image_to_chw(f[self.image_column], self.channels) for f in features]}
 
 
 def sr_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
@@ -95,6 +122,23 @@ def sr_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
         ssim.append(structural_similarity(b, a, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5,
                                           use_sample_covariance=False))
     return float(np.mean(psnr)), float(np.mean(ssim))
+
+
+def target_range(args: DREAMTrainingArguments) -> float:
+    """Largest |x0| the UNet is trained on: ``2 * residual_scale`` for residuals (``hr - up`` lies in [-2, 2]),
+    1 for images in [-1, 1]."""
+    return 2.0 * float(args.residual_scale) if args.residual else 1.0
+
+
+def check_scheduler_range(config, bound: float, name: str) -> None:
+    """Refuse a scheduler that clips the predicted x0 to less than the target range (it would silently truncate
+    residual targets in sampling)."""
+    if config.get("clip_sample", False) and float(config.get("clip_sample_range", 1.0)) < bound - 1e-12:
+        raise ValueError(
+            f"{name} clips the predicted x0 to [-{config.get('clip_sample_range', 1.0)}, "
+            f"{config.get('clip_sample_range', 1.0)}] but the targets span [-{bound:g}, {bound:g}] (2 * residual_scale "
+            f"for residuals): pass clip_sample=False or clip_sample_range >= {bound:g} to the scheduler"
+        )
 
 
 class EMACallback(TrainerCallback):
@@ -143,11 +187,14 @@ class DREAMTrainer(Trainer):
             noise_scheduler = DDPMScheduler(
                 num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                 beta_start=args.beta_start, beta_end=args.beta_end, prediction_type=args.prediction_type,
+                clip_sample=True, clip_sample_range=target_range(args),
             )
+        check_scheduler_range(noise_scheduler.config, target_range(args), "noise_scheduler")
         self.noise_scheduler = noise_scheduler
+        self.pair_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, True,
+                                            self.image_channels)
         if data_collator is None:
-            data_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, True,
-                                           self.image_channels)
+            data_collator = _UncroppedImages(args.image_column, self.image_channels)
         self.eval_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, False,
                                             self.image_channels)
         self.ema = None
@@ -160,18 +207,42 @@ class DREAMTrainer(Trainer):
         if self.ema is not None:
             self.add_callback(EMACallback(self.ema, self))
         self.train_wall_time = 0.0  # seconds spent in training steps only (no evaluation), for wall-clock plots
+        self._step_rng: torch.Generator | None = None
+        self._rng_step = (-1, 0)  # (global_step, micro-batch index) of the last seeded generator
 
     # ------------------------------------------------------------------ helpers
     def _unet(self):
         return self.accelerator.unwrap_model(self.model)
+
+    def step_generator(self) -> torch.Generator:
+        """The CPU generator of this micro-batch: seeded from ``(args.seed, global_step, micro-batch index,
+        process index)`` so that crops, timesteps and noise depend only on the step, not on RNG history, and a
+        run resumed from a checkpoint draws exactly what the uninterrupted run drew."""
+        step = int(self.state.global_step)
+        micro = self._rng_step[1] + 1 if self._rng_step[0] == step else 0
+        self._rng_step = (step, micro)
+        seed = np.random.SeedSequence([int(self.args.seed), step, micro, int(self.args.process_index)])
+        self._step_rng = torch.Generator(device="cpu").manual_seed(int(seed.generate_state(1, np.uint64)[0] >> 1))
+        return self._step_rng
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start = time.perf_counter()
+        gen = self.step_generator()
+        if "images" in inputs and "hr" not in inputs:  # the default collator defers the random crops to here
+            inputs = self._prepare_inputs(self.pair_collator.pairs([im.cpu() for im in inputs["images"]], gen))
+        out = super().training_step(model, inputs, num_items_in_batch)
+        self.train_wall_time += time.perf_counter() - start
+        return out
 
     def model_input_target(self, model, inputs: dict[str, torch.Tensor]):
         """Draw ``(t, eps)`` and return ``(model_input, target, t)`` after DREAM rectification."""
         args: DREAMTrainingArguments = self.args
         hr, up = inputs["hr"], inputs["up"]
         x0 = args.residual_scale * (hr - up) if args.residual else hr
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+        gen = self._step_rng if model.training and self._step_rng is not None else None
+        noise = torch.randn(x0.shape, generator=gen, dtype=x0.dtype).to(x0.device)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (x0.shape[0],),
+                          generator=gen).to(x0.device)
         rect = dream_rectify(model, self.noise_scheduler, x0, noise, t, condition=up,
                              detail_preservation=args.dream_detail_preservation)
         return rect.model_input, rect.target, t
@@ -184,12 +255,6 @@ class DREAMTrainer(Trainer):
         else:
             loss = F.mse_loss(pred.float(), target.float())
         return (loss, pred) if return_outputs else loss
-
-    def training_step(self, *a, **kw):
-        start = time.perf_counter()
-        out = super().training_step(*a, **kw)
-        self.train_wall_time += time.perf_counter() - start
-        return out
 
     def pipeline(self, scheduler: str | None = None) -> SuperResolutionPipeline:
         """A :class:`SuperResolutionPipeline` around the current (raw) UNet and a sampler built from the training
