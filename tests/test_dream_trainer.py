@@ -41,7 +41,8 @@ def _unet():
 
 @pytest.mark.parametrize("p,loss_type", [(1.0, "l1"), (math.inf, "mse")])
 def test_compute_loss_matches_hand_computation(tmp_path, p, loss_type):
-    args = _args(tmp_path, dream_detail_preservation=p, loss_type=loss_type, residual=True, residual_scale=2.0)
+    args = _args(tmp_path, dream_detail_preservation=p, loss_type=loss_type, residual=True, residual_scale=2.0,
+                 prediction_type="epsilon")
     unet = _unet()
     tr = DREAMTrainer(model=unet, args=args, train_dataset=_ds())
     g = torch.Generator().manual_seed(3)

@@ -70,15 +70,32 @@ def test_oracle_residual_reproduces_hr_through_the_pipeline(tmp_path, prediction
     # the residuals are large enough that the old [-1, 1] clip would truncate them at residual_scale 3
     assert (residual_scale * (hr - up)).abs().max() > 1.2 or residual_scale == 1.0
     for sampler in ("ddpm", "ddim"):
-        pipe = tr.pipeline(sampler)
-        handle = _oracle(pipe.unet, hr, pipe.scheduler, residual_scale)
-        try:
-            out = pipe((lr + 1) / 2, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
-                       output_type="np").images
-        finally:
-            handle.remove()
-        ref = ((hr + 1) / 2).permute(0, 2, 3, 1).double().numpy()
-        assert np.abs(out - ref).max() < 1e-4, (sampler, np.abs(out - ref).max())
+        for steps in (1, 10):
+            pipe = tr.pipeline(sampler)
+            handle = _oracle(pipe.unet, hr, pipe.scheduler, residual_scale)
+            try:
+                out = pipe((lr + 1) / 2, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                           output_type="np").images
+            finally:
+                handle.remove()
+            ref = ((hr + 1) / 2).permute(0, 2, 3, 1).double().numpy()
+            assert np.abs(out - ref).max() < 1e-4, (sampler, steps, np.abs(out - ref).max())
+
+
+def test_few_step_sampling_starts_from_the_last_training_step(tmp_path):
+    """trailing spacing: one sampling step evaluates the model at t = T - 1, where x_T is pure noise (diffusers'
+    'leading' default would evaluate it at t = 0)."""
+    args = DREAMTrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, crop_size=16, scale_factor=4,
+                                  max_steps=1, num_train_timesteps=1000)
+    tr = DREAMTrainer(model=_unet(), args=args, train_dataset=_ds(_photos(2)))
+    for sampler in ("ddim", "ddpm"):
+        sched = tr.pipeline(sampler).scheduler
+        sched.set_timesteps(1)
+        assert sched.timesteps.tolist() == [999]
+        sched.set_timesteps(2)
+        assert sched.timesteps.tolist() == [999, 499]
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DREAMTrainingArguments(output_dir=str(tmp_path), timestep_spacing="first")
 
 
 def test_saved_checkpoint_scheduler_does_not_clip_residuals(tmp_path):

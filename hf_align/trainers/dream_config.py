@@ -20,6 +20,12 @@ class DREAMTrainingArguments(TrainingArguments):
     diffusion training, so the same trainer is the baseline.
     """
 
+    learning_rate: float = field(
+        default=3e-4,
+        metadata={"help": "AdamW learning rate (TrainingArguments' 5e-5 is tuned for fine-tuning transformers). The SR3 "
+                  "UNet learned 0.35 dB over bicubic in 100 steps at 3e-4 and nothing at 1e-3 or 3e-3 "
+                  "(benchmarks/results/dream_sr.md)."},
+    )
     dream_detail_preservation: float = field(
         default=1.0,
         metadata={"help": "DREAM exponent p in lambda_t = sqrt(1 - alphas_cumprod[t]) ** p. 1 = the paper; "
@@ -38,7 +44,9 @@ class DREAMTrainingArguments(TrainingArguments):
         metadata={"help": "Diffuse the residual HR - bicubic_up(LR) (SRDiff/ResShift) instead of the HR image."},
     )
     residual_scale: float = field(
-        default=1.0, metadata={"help": "The residual is multiplied by this before diffusion (and divided after)."}
+        default=8.0,
+        metadata={"help": "The residual is multiplied by this before diffusion (and divided after). Residuals of 2x-4x "
+                  "bicubic SR have a standard deviation of 0.06-0.15 in [-1, 1] units; 8 brings them near unit scale."},
     )
     use_ema: bool = field(default=True, metadata={"help": "Keep an EMA of the weights (diffusers EMAModel)."})
     ema_decay: float = field(default=0.999, metadata={"help": "Maximum EMA decay."})
@@ -56,14 +64,25 @@ class DREAMTrainingArguments(TrainingArguments):
     )
     beta_start: float = field(default=1e-4, metadata={"help": "First beta of the training DDPMScheduler."})
     beta_end: float = field(default=2e-2, metadata={"help": "Last beta of the training DDPMScheduler."})
+    timestep_spacing: str = field(
+        default="trailing",
+        metadata={"help": "How the sampling schedulers space few steps: 'trailing' starts at the last training step "
+                  "(x_T is pure noise there, so 1-2 step sampling is sound); diffusers' default 'leading' starts at "
+                  "T - T/n (1 step would evaluate the model at t = 0 on pure noise)."},
+    )
     prediction_type: str = field(
-        default="epsilon",
-        metadata={"help": "What the UNet predicts: 'epsilon', 'v_prediction' or 'sample' (if no scheduler passed)."},
+        default="sample",
+        metadata={"help": "What the UNet predicts: 'epsilon', 'v_prediction' or 'sample' (x0; if no scheduler passed). "
+                  "'sample' is the measured default (benchmarks/results/sr_prediction_types.md)."},
     )
     eval_scheduler: str = field(
         default="ddim", metadata={"help": "Sampler used in evaluation: 'ddim', 'ddpm' or 'dpm' (DPM-Solver++)."}
     )
-    eval_num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps in evaluation."})
+    eval_num_inference_steps: int = field(
+        default=2,
+        metadata={"help": "Sampling steps in evaluation (trailing spacing: 1 step is the model's x0 estimate from pure noise, "
+                  "the PSNR-oriented end; more steps add sampled detail, see benchmarks/results/dream_sr.md)."},
+    )
     eval_max_samples: int | None = field(
         default=None, metadata={"help": "Evaluate on the first N eval images only (None = all)."}
     )
@@ -85,6 +104,8 @@ class DREAMTrainingArguments(TrainingArguments):
             raise ValueError(f"crop_size ({self.crop_size}) must be divisible by scale_factor ({self.scale_factor})")
         if self.eval_scheduler not in ("ddim", "ddpm", "dpm"):
             raise ValueError(f"eval_scheduler must be 'ddim', 'ddpm' or 'dpm', got {self.eval_scheduler!r}")
+        if self.timestep_spacing not in ("trailing", "leading", "linspace"):
+            raise ValueError(f"timestep_spacing must be trailing, leading or linspace, got {self.timestep_spacing!r}")
         if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise ValueError(f"prediction_type must be epsilon, v_prediction or sample, got {self.prediction_type!r}")
         if self.residual_scale <= 0:

@@ -187,7 +187,7 @@ class DREAMTrainer(Trainer):
             noise_scheduler = DDPMScheduler(
                 num_train_timesteps=args.num_train_timesteps, beta_schedule=args.beta_schedule,
                 beta_start=args.beta_start, beta_end=args.beta_end, prediction_type=args.prediction_type,
-                clip_sample=True, clip_sample_range=target_range(args),
+                clip_sample=True, clip_sample_range=target_range(args), timestep_spacing=args.timestep_spacing,
             )
         check_scheduler_range(noise_scheduler.config, target_range(args), "noise_scheduler")
         self.noise_scheduler = noise_scheduler
