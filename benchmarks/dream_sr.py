@@ -67,9 +67,9 @@ TRAIN = ["china", "astronaut", "chelsea", "camera", "brick", "rocket", "hubble",
 HELD_OUT = ["coffee", "gravel", "grass"]
 
 PRESETS = {
-    "cpu": dict(scale=2, crop=48, eval_crop=48, batch=12, steps=700, lr=3e-4, warmup=50, blocks=[32, 64, 64],
+    "cpu": dict(scale=2, crop=48, eval_crop=48, batch=12, steps=500, lr=3e-4, warmup=50, blocks=[32, 64, 64],
                 layers_per_block=1, attention=False, timesteps=1000, beta_start=1e-4, beta_end=2e-2,
-                eval_every=70, eval_subset=32, n_eval=128, eval_steps=None, final_steps=[1, 2, 5, 10, 20],
+                eval_every=50, eval_subset=32, n_eval=128, eval_steps=None, final_steps=[1, 2, 5, 10, 20],
                 ddpm_steps=[20], ema_decay=0.995, device="cpu", threads=1),
     "gpu-paper": dict(scale=4, crop=128, eval_crop=128, batch=32, steps=100_000, lr=1e-4, warmup=1000,
                       blocks=[64, 128, 256, 512, 512], layers_per_block=2, attention=True, timesteps=2000,

@@ -179,3 +179,17 @@ def test_crops_depend_on_the_step_not_on_the_global_rng(tmp_path):
     torch.equal(a, b) or pytest.fail("same step, different crops")
     c = tr.pair_collator.pairs(batch["images"], tr.step_generator())["hr"]  # next micro-batch: new draws
     assert not torch.equal(a, c)
+
+
+def test_sr_unet_starts_from_the_condition_and_still_learns_to_read_x_t():
+    unet = sr_unet(block_out_channels=(8, 16), norm_num_groups=4)
+    w = unet.conv_in.weight
+    assert torch.count_nonzero(w[:, :3]) == 0 and torch.count_nonzero(w[:, 3:]) > 0
+    up = torch.rand(2, 3, 16, 16)
+    a = unet(torch.cat([torch.randn(2, 3, 16, 16), up], 1), torch.tensor([999, 999])).sample
+    b = unet(torch.cat([torch.randn(2, 3, 16, 16), up], 1), torch.tensor([999, 999])).sample
+    torch.testing.assert_close(a, b)  # the noisy sample does not reach the output at init
+    a.sum().backward()
+    assert torch.count_nonzero(w.grad[:, :3]) > 0  # ... but its weights do get gradients
+    default = sr_unet(block_out_channels=(8, 16), norm_num_groups=4, zero_init_noisy_input=False)
+    assert torch.count_nonzero(default.conv_in.weight[:, :3]) > 0
