@@ -357,15 +357,15 @@ def summarize(cmd: str, out_dir: str = RESULTS, tag: str = "dream_sr") -> None:
         grid[(e["sampler"], e["steps"])] = v
         L.append(f"| {e['sampler']} | {e['steps']} | {_mean_sd(v['standard'][:, 0])} | {_mean_sd(v['dream'][:, 0])} | "
                  f"{_mean_sd(v['standard'][:, 1], '{:.4f}')} | {_mean_sd(v['dream'][:, 1], '{:.4f}')} |")
-    L.append("\nFewer sampling steps: for each DREAM step count, the smallest standard step count (same sampler) whose "
-             "mean PSNR DREAM matches or beats:\n")
+    L.append("\nFewer sampling steps: for each DREAM step count, the standard step counts (same sampler) whose mean "
+             "PSNR it matches or beats:\n")
     for sampler in ("ddim", "ddpm"):
         ks = sorted(n for (s_, n) in grid if s_ == sampler)
         for n in ks:
             d = grid[(sampler, n)]["dream"][:, 0].mean()
             beaten = [m for m in ks if grid[(sampler, m)]["standard"][:, 0].mean() <= d]
-            L.append(f"- {sampler} {n} steps: DREAM {d:.2f} dB >= standard at "
-                     f"{', '.join(str(b) for b in beaten) if beaten else 'no'} step count(s)")
+            L.append(f"- {sampler} {n} step(s): DREAM {d:.2f} dB >= standard at "
+                     f"{', '.join(str(b) for b in beaten) + ' steps' if beaten else 'no step count'}")
 
     L.append("\nSee docs/dream.md for the discussion.\n")
 

@@ -161,8 +161,11 @@ class DREAMTrainer(Trainer):
         model: the UNet (e.g. :func:`hf_align.diffusion.sr_unet`).
         args: :class:`DREAMTrainingArguments`.
         train_dataset / eval_dataset: ``datasets.Dataset`` with an image column (PIL or HWC arrays); images
-            are cropped and down-sampled on the fly by :class:`SRPairCollator` (centre crops for evaluation).
-        noise_scheduler: the training scheduler (default: a ``DDPMScheduler`` built from ``args``).
+            are cropped and down-sampled on the fly by :class:`SRPairCollator` inside the training step, from a
+            generator seeded per step (:meth:`step_generator`), so resuming is exact; centre crops for evaluation.
+        noise_scheduler: the training scheduler (default: a ``DDPMScheduler`` built from ``args``, clipping x0 to
+            the target range :func:`target_range` and with ``args.timestep_spacing``; one that clips to less is
+            refused).
     Other keyword arguments go to ``transformers.Trainer``.
 
     Checkpoints are :class:`SuperResolutionPipeline` folders (``model_index.json``, ``unet/`` with the EMA
