@@ -42,6 +42,15 @@ _TRAIN_UNET = "unet_train"
 _WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
+def _column(features: list[dict[str, Any]], column: str) -> list[Any]:
+    """The images of a batch of dataset rows, with a clear error for an empty batch or a missing column."""
+    if len(features) == 0:
+        raise ValueError("empty batch")
+    if column not in features[0]:
+        raise KeyError(f"column {column!r} not in dataset features {sorted(features[0])}")
+    return [f[column] for f in features]
+
+
 class SRPairCollator:
     """Make (LR, HR) pairs on the fly: a crop of ``crop_size`` (random, or centred when ``random_crop=False``),
     HR in [-1, 1], LR = anti-aliased bicubic down-sample by ``scale_factor``, ``up`` = bicubic up-sample of LR.
@@ -79,11 +88,7 @@ class SRPairCollator:
 
     def __call__(self, features: list[dict[str, Any]], generator: torch.Generator | None = None
                  ) -> dict[str, torch.Tensor]:
-        if len(features) == 0:
-            raise ValueError("empty batch")
-        if self.image_column not in features[0]:
-            raise KeyError(f"column {self.image_column!r} not in dataset features {sorted(features[0])}")
-        return self.pairs([f[self.image_column] for f in features], generator)
+        return self.pairs(_column(features, self.image_column), generator)
 
     def pairs(self, images: list[Any], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Crop ``images`` (PIL / HWC arrays / ``(C, H, W)`` tensors in [0, 1]) and build the (LR, HR, up) batch."""
@@ -106,11 +111,7 @@ class _UncroppedImages:
         self.image_column, self.channels = image_column, channels
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, list[torch.Tensor]]:
-        if len(features) == 0:
-            raise ValueError("empty batch")
-        if self.image_column not in features[0]:
-            raise KeyError(f"column {self.image_column!r} not in dataset features {sorted(features[0])}")
-        return {"images": [_image_to_chw(f[self.image_column], self.channels) for f in features]}
+        return {"images": [_image_to_chw(img, self.channels) for img in _column(features, self.image_column)]}
 
 
 def sr_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
