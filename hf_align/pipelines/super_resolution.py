@@ -23,6 +23,19 @@ __all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_
            "register_diffusers_pipeline"]
 
 
+def target_bound(residual: bool, residual_scale: float) -> float:
+    """Largest |x0| the UNet diffuses: ``2 * residual_scale`` for residuals (``x - u`` lies in [-2, 2]), 1 for
+    images in [-1, 1]."""
+    return 2.0 * float(residual_scale) if residual else 1.0
+
+
+def truncating_clip_range(scheduler_config, bound: float) -> float | None:
+    """The scheduler's x0 clip range when it is smaller than ``bound`` (it would silently truncate targets;
+    diffusers' default is [-1, 1]), else ``None``."""
+    rng = float(scheduler_config.get("clip_sample_range", 1.0))
+    return rng if scheduler_config.get("clip_sample", False) and rng < bound - 1e-12 else None
+
+
 @dataclass
 class SuperResolutionPipelineOutput(BaseOutput):
     """``images``: list of PIL images, a ``(B, H, W, C)`` numpy array or a ``(B, C, H, W)`` tensor in [0, 1]."""
@@ -74,12 +87,9 @@ class SuperResolutionPipeline(DiffusionPipeline):
         self.image_processor = VaeImageProcessor(do_resize=False, do_normalize=True)
 
     def _warn_if_scheduler_clips_targets(self) -> None:
-        """Residuals ``residual_scale * (x - u)`` lie in ``[-2 residual_scale, 2 residual_scale]``; a scheduler that
-        clips the predicted x0 to a smaller range truncates them silently (diffusers' default is [-1, 1])."""
-        cfg = self.scheduler.config
-        bound = 2.0 * float(self.config.residual_scale) if self.config.residual else 1.0
-        rng = float(cfg.get("clip_sample_range", 1.0))
-        if cfg.get("clip_sample", False) and rng < bound - 1e-12:
+        bound = target_bound(self.config.residual, self.config.residual_scale)
+        rng = truncating_clip_range(self.scheduler.config, bound)
+        if rng is not None:
             logger.warning(
                 f"the scheduler clips the predicted x0 to [-{rng:g}, {rng:g}] but this pipeline's targets span "
                 f"[-{bound:g}, {bound:g}]; large residuals are truncated. Set pipe.scheduler = "

@@ -31,7 +31,7 @@ from transformers import Trainer, TrainerCallback
 
 from hf_align.diffusion.dream import dream_rectify
 from hf_align.diffusion.images import _image_to_chw, bicubic_downsample, bicubic_upsample
-from hf_align.pipelines.super_resolution import SuperResolutionPipeline
+from hf_align.pipelines.super_resolution import SuperResolutionPipeline, target_bound, truncating_clip_range
 
 from .dream_config import DREAMTrainingArguments
 
@@ -126,19 +126,19 @@ def sr_metrics(sr: np.ndarray, hr: np.ndarray) -> tuple[float, float]:
 
 
 def target_range(args: DREAMTrainingArguments) -> float:
-    """Largest |x0| the UNet is trained on: ``2 * residual_scale`` for residuals (``hr - up`` lies in [-2, 2]),
-    1 for images in [-1, 1]."""
-    return 2.0 * float(args.residual_scale) if args.residual else 1.0
+    """Largest |x0| the UNet is trained on (:func:`~hf_align.pipelines.super_resolution.target_bound`)."""
+    return target_bound(args.residual, args.residual_scale)
 
 
 def check_scheduler_range(config, bound: float, name: str) -> None:
     """Refuse a scheduler that clips the predicted x0 to less than the target range (it would silently truncate
     residual targets in sampling)."""
-    if config.get("clip_sample", False) and float(config.get("clip_sample_range", 1.0)) < bound - 1e-12:
+    rng = truncating_clip_range(config, bound)
+    if rng is not None:
         raise ValueError(
-            f"{name} clips the predicted x0 to [-{config.get('clip_sample_range', 1.0)}, "
-            f"{config.get('clip_sample_range', 1.0)}] but the targets span [-{bound:g}, {bound:g}] (2 * residual_scale "
-            f"for residuals): pass clip_sample=False or clip_sample_range >= {bound:g} to the scheduler"
+            f"{name} clips the predicted x0 to [-{rng:g}, {rng:g}] but the targets span [-{bound:g}, {bound:g}] "
+            f"(2 * residual_scale for residuals): pass clip_sample=False or clip_sample_range >= {bound:g} to the "
+            "scheduler"
         )
 
 
