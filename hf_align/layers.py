@@ -149,6 +149,24 @@ class LayerState:
     context: HeadContext
     unbatched_kwargs: tuple[str, ...] = ()
 
+    def map_arguments(self, fn: Callable[[Any], Any]) -> LayerState:
+        """The same state with ``fn`` applied to every block argument (recursively into tuples and lists; dict
+        values of ``block_kwargs``). ``fn`` gets each leaf value and returns its replacement."""
+
+        def walk(value: Any) -> Any:
+            if isinstance(value, tuple):
+                return tuple(walk(v) for v in value)
+            if isinstance(value, list):
+                return [walk(v) for v in value]
+            return fn(value)
+
+        return replace(self, block_args=walk(self.block_args),
+                       block_kwargs={key: walk(value) for key, value in self.block_kwargs.items()})
+
+    def arguments(self) -> list[Any]:
+        """Every block argument (positional, then keyword values), for inspection."""
+        return [*self.block_args, *self.block_kwargs.values()]
+
     @property
     def batch_size(self) -> int:
         return self.hidden.shape[0]

@@ -425,21 +425,14 @@ class _Decoder:
                     return step_mask
                 if value.dim() >= 2 and value.shape[1] == n + 1 and value.shape[0] in (1, batch):
                     return value[:, i: i + 1]
-                return value
-            if isinstance(value, tuple):
-                return tuple(cut(v) for v in value)
-            if isinstance(value, list):
-                return [cut(v) for v in value]
             return value
 
-        return replace(verify, hidden=hidden, block_args=cut(verify.block_args),
-                       block_kwargs={key: cut(value) for key, value in verify.block_kwargs.items()})
+        return replace(verify.map_arguments(cut), hidden=hidden)
 
     @staticmethod
     def _find_mask(state, queries: int, keys: int) -> torch.Tensor | None:
         """The 4D attention mask (.., queries, keys) among the captured block arguments, if the model built one."""
-        values = list(state.block_args) + list(state.block_kwargs.values())
-        for value in values:
+        for value in state.arguments():
             if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[-2:]) == (queries, keys):
                 return value
         return None
