@@ -31,6 +31,7 @@ as it was: no hooks attached, every module's train/eval flag restored.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -76,6 +77,23 @@ __all__ = [
 
 class _StopForward(Exception):
     """Raised by the pre-hook on the first block once its arguments are captured."""
+
+
+def _owned(fn: Callable) -> Callable:
+    """A hook that acts only in the thread that registered it (and is a no-op in every other thread).
+
+    The view's hooks live only for one call, but the model may be shared: another thread running the same
+    model meanwhile (a pipeline served from several threads) must not see them. Registering and removing a
+    hook are single dict operations, atomic under the GIL, and ``Module.__call__`` copies the hook dict before
+    iterating it, so concurrent calls are safe."""
+    owner = threading.get_ident()
+
+    def hook(*args, **kwargs):
+        if threading.get_ident() != owner:
+            return None
+        return fn(*args, **kwargs)
+
+    return hook
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -426,7 +444,7 @@ class LayerView:
             captured["args"], captured["kwargs"] = args, kwargs
             raise _StopForward
 
-        handle = self.blocks[0].register_forward_pre_hook(capture, with_kwargs=True)
+        handle = self.blocks[0].register_forward_pre_hook(_owned(capture), with_kwargs=True)
         try:
             self.hf_model(**model_inputs)
         except _StopForward:
@@ -499,7 +517,7 @@ class LayerView:
         def keep(module, args, out):
             outputs.append(out if isinstance(out, torch.Tensor) else out[0])
 
-        handles = [block.register_forward_hook(keep) for block in self.blocks]
+        handles = [block.register_forward_hook(_owned(keep)) for block in self.blocks]
         try:
             yield outputs
         finally:
@@ -548,7 +566,7 @@ class LayerView:
             override = self._layer_classifier(layer)
         if override is None:
             return self._head_fn(self.hf_model, hidden, context)
-        handle = self.classifier.register_forward_hook(lambda module, args, out: override(args[0]))
+        handle = self.classifier.register_forward_hook(_owned(lambda module, args, out: override(args[0])))
         try:
             return self._head_fn(self.hf_model, hidden, context)
         finally:
@@ -568,7 +586,7 @@ class LayerView:
             recorded.append(args[0])
             raise _StopForward
 
-        handle = self.classifier.register_forward_pre_hook(record)
+        handle = self.classifier.register_forward_pre_hook(_owned(record))
         try:
             self._head_fn(self.hf_model, hidden, context)
         except _StopForward:
