@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.data import (
+from ..data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,

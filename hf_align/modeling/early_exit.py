@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..analysis.data import eval_mode
+from ..data import eval_mode
 from ..layers import LayerView
 
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]

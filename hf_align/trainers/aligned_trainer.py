@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
-from ..analysis.data import LABEL_KEYS as _LABEL_KEYS
-from ..analysis.data import check_labels, dataset_labels
+from ..data import LABEL_KEYS as _LABEL_KEYS
+from ..data import check_labels, dataset_labels
 from ..layers import HeadContext, LayerView
 from .aligned_config import AlignedTrainingArguments, layer_weights
 from .curricula import (

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import (
+from ...data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
@@ -145,7 +145,7 @@ def collapse_report(
     Args:
         model: any model :class:`hf_align.LayerView` supports (classifiers, head-less base models, PEFT /
             sentence-transformers wrappers); eval mode while running, every module's mode restored after.
-        data: anything :func:`hf_align.analysis.data.iter_batches` takes, with class labels under one of
+        data: anything :func:`hf_align.data.iter_batches` takes, with class labels under one of
             ``labels``/``label``/``label_ids`` (or ``labels_key``). Labels must lie in [0, num_classes).
         features: ``"head"`` (default when the model has a classification head and no ``pooling`` is
             given) or ``"hidden"`` (default for base models and LM heads, or when ``pooling`` is given).
