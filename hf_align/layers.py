@@ -662,3 +662,15 @@ class LayerView:
                 "final_norm (hf_align.register_family(..., overwrite=True))."
             )
         return diff
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Eval mode (dropout off) for every module of ``models`` inside the block; on exit each module gets back
+    its own train/eval flag, whatever happened inside (:func:`preserved_state` per model)."""
+    with contextlib.ExitStack() as stack:  # restored in reverse order, so shared modules end as they began
+        for model in models:
+            if model is not None:
+                stack.enter_context(preserved_state(model))
+                model.eval()
+        yield

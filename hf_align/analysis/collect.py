@@ -10,7 +10,6 @@ import torch
 
 from ..data import (
     collate,
-    eval_mode,
     iter_batches,
     pad_token_id,
     rank_and_world,
@@ -18,6 +17,7 @@ from ..data import (
     split_labels,
     to_device,
 )
+from ..layers import eval_mode
 from .pooling import POOLINGS, pool
 from .similarity import SIMILARITY_METRICS, SimilarityUndefinedError, default_constant_rtol, similarity_metric
 from .streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA

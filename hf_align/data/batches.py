@@ -1,4 +1,4 @@
-"""The one data layer: user data -> model batches, labels, rank sharding, eval mode.
+"""Batches: user data -> model batches, rank sharding.
 
 Every place in hf-align that iterates a dataset (layer similarity, neural collapse, calibration, early-exit
 evaluation, the CLI, and the label check of :class:`~hf_align.AlignedTrainer`) goes through this module, so
@@ -7,127 +7,38 @@ they accept the same inputs and fail the same way:
 * ``data`` is a ``datasets.Dataset`` or a list of example dicts (batched ``batch_size`` at a time by
   :func:`collate`, which pads token columns on the right and builds the ``attention_mask``), a list of
   ready batch dicts, one batch dict, a ``torch.utils.data.DataLoader`` or any iterable of batch dicts;
-* labels travel under one of :data:`LABEL_KEYS` and are split from the model inputs by :func:`split_labels`;
-* :func:`check_labels` validates class labels against the model's ``num_labels`` (``-100`` = ignored) before
-  any work; :func:`check_dataset_labels` does it for a whole dataset (used before any training step);
+* batches keep their labels (the label rule is :mod:`hf_align.data.labels`);
 * with ``torch.distributed`` initialised, batch i of the global batch sequence goes to rank ``i % world``
-  (:func:`iter_batches`), so every process count sees the same batches;
-* :func:`eval_mode` puts models in eval mode (dropout off) while running and restores every module's own
-  train/eval flag afterwards, whatever happens.
+  (:func:`iter_batches`), so every process count sees the same batches.
+
+Eval mode while iterating is :func:`hf_align.layers.eval_mode` (it lives with the layer view).
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from ..layers import preserved_state
 
 __all__ = [
-    "LABEL_KEYS",
-    "check_dataset_labels",
-    "check_labels",
     "collate",
-    "dataset_labels",
-    "eval_mode",
     "iter_batches",
     "pad_token_id",
     "rank_and_world",
     "require_reiterable",
-    "split_labels",
     "to_device",
 ]
 
-LABEL_KEYS = ("labels", "label", "label_ids")
 # token-aligned columns that the default collate pads on the right (input_ids with the pad id, the rest with 0)
 PAD_KEYS = ("input_ids", "attention_mask", "token_type_ids", "position_ids", "special_tokens_mask")
-
-
-# ---------------------------------------------------------------------------------------------- labels
-
-
-def split_labels(batch: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
-    """``(model inputs, labels or None)``: the labels are the first of :data:`LABEL_KEYS` present; every
-    label key is removed from the inputs."""
-    if not isinstance(batch, Mapping):
-        raise TypeError(
-            f"each batch must be a dict of model inputs (input_ids=..., attention_mask=..., labels=...), got "
-            f"{type(batch).__name__}"
-        )
-    labels = next((batch[k] for k in LABEL_KEYS if k in batch and batch[k] is not None), None)
-    return {k: v for k, v in batch.items() if k not in LABEL_KEYS}, labels
-
-
-def check_labels(labels: Any, num_labels: int, *, what: str = "labels") -> None:
-    """Class labels must be integers in ``[0, num_labels)`` (``-100``, the ignore index, is allowed).
-
-    Raises ``ValueError`` naming the first offending value (or ``TypeError`` for non-integer labels).
-    """
-    a = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    if a.size == 0:
-        return
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.integer) or np.issubdtype(a.dtype, np.floating)):
-        raise TypeError(f"{what} must be integer class ids in [0, {num_labels}), got dtype {a.dtype}")
-    if np.issubdtype(a.dtype, np.floating):
-        if not (np.all(np.isfinite(a)) and np.all(a == np.round(a))):
-            raise TypeError(f"{what} must be integer class ids in [0, {num_labels}), got non-integer values")
-    bad = (a != -100) & ((a < 0) | (a >= num_labels))
-    if bad.any():
-        value = a[bad].flat[0]
-        raise ValueError(
-            f"{what} must lie in [0, {num_labels - 1}] (the model has num_labels={num_labels}; -100 is ignored), "
-            f"got {value.item() if hasattr(value, 'item') else value} ({int(bad.sum())} of {a.size} out of range)"
-        )
-
-
-def dataset_labels(dataset: Any) -> np.ndarray | None:
-    """All class labels of a dataset as one array, or ``None`` when they cannot be read cheaply (iterable
-    datasets, image datasets without a label column, multi-label / float targets)."""
-    if dataset is None:
-        return None
-    column_names = getattr(dataset, "column_names", None)
-    if column_names is not None and not isinstance(column_names, dict):  # datasets.Dataset: read the column
-        key = next((k for k in LABEL_KEYS if k in column_names), None)
-        if key is None:
-            return None
-        values = dataset.with_format(None)[key] if hasattr(dataset, "with_format") else dataset[key]
-    elif isinstance(dataset, Sequence) and not isinstance(dataset, (str, bytes)):
-        values = []
-        for example in dataset:
-            if not isinstance(example, Mapping):
-                return None
-            _, y = split_labels(example)
-            if y is None:
-                return None
-            values.append(y.tolist() if isinstance(y, torch.Tensor) else y)
-    else:
-        return None
-    try:
-        a = np.asarray(values)
-    except ValueError:  # ragged (token labels): not class labels
-        return None
-    if a.dtype == object or a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-        return None
-    return a
-
-
-def check_dataset_labels(dataset: Any, num_labels: int, *, name: str = "dataset") -> None:
-    """:func:`check_labels` on every label of ``dataset`` (when they can be read cheaply, see
-    :func:`dataset_labels`); call it before any training step."""
-    labels = dataset_labels(dataset)
-    if labels is not None:
-        check_labels(labels, num_labels, what=f"{name} labels")
 
 
 # ---------------------------------------------------------------------------------------------- batches
 
 
-def pad_token_id(model: nn.Module | None) -> int:
+def pad_token_id(model: torch.nn.Module | None) -> int:
     """The pad id used by :func:`collate` for ``input_ids``: the model's (text) config ``pad_token_id``, else 0."""
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
@@ -292,18 +203,3 @@ def require_reiterable(data: Any, why: str) -> None:
 def to_device(inputs: Mapping[str, Any], device: torch.device | str) -> dict[str, Any]:
     """Move every tensor of a dict of model inputs to ``device``."""
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-
-
-# ---------------------------------------------------------------------------------------------- modes
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module | None) -> Iterator[None]:
-    """Eval mode (dropout off) for every module of ``models`` inside the block; on exit each module gets back
-    its own train/eval flag, whatever happened inside (:func:`hf_align.layers.preserved_state` per model)."""
-    with contextlib.ExitStack() as stack:  # restored in reverse order, so shared modules end as they began
-        for model in models:
-            if model is not None:
-                stack.enter_context(preserved_state(model))
-                model.eval()
-        yield

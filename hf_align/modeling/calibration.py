@@ -22,12 +22,12 @@ from ..data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
-    eval_mode,
     iter_batches,
     pad_token_id,
     split_labels,
     to_device,
 )
+from ..layers import eval_mode
 from .early_exit import EarlyExitConfig, EarlyExitModel, _exit_mask
 
 __all__ = ["ExitCurve", "accuracy_loss_upper_bound", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]

@@ -35,8 +35,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..data import eval_mode
-from ..layers import LayerView
+from ..layers import LayerView, eval_mode
 
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
 

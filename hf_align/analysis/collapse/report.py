@@ -30,7 +30,6 @@ from ...data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
-    eval_mode,
     iter_batches,
     pad_token_id,
     rank_and_world,
@@ -38,6 +37,7 @@ from ...data import (
     split_labels,
     to_device,
 )
+from ...layers import eval_mode
 from ..pooling import pool
 from ..similarity import default_constant_rtol
 from .nc import collapse_metrics, gnc3, nc3_papyan, nc3_zhu, ncc_predict
