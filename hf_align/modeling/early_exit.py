@@ -14,8 +14,9 @@ Exit policies (``p_l = softmax(logits_l)``):
   (the current block included), i.e. unchanged ``patience - 1`` times;
 * ``fixed``: exit at block ``exit_layer``;
 
-never before ``min_layer``, always at block L. The settings live in ``config.early_exit`` (a plain dict), so
-``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+never before ``min_layer``, always at block L. The model's default settings are saved in ``config.early_exit`` (a
+plain dict), so ``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+Settings given to a call (``model(**batch, threshold=0.5)``) apply to that call only.
 
 The forward always runs in eval mode (dropout off), also when the wrapped model was left in ``train()``
 mode; every module's own train/eval flag is restored afterwards.
@@ -40,6 +41,7 @@ from ..layers import LayerView, eval_mode
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
 
 POLICIES = ("confidence", "entropy", "patience", "fixed")
+_SETTING_NAMES = ("policy", "threshold", "patience", "exit_layer", "min_layer")  # the fields of EarlyExitConfig
 # other transformers `from_pretrained` options EarlyExitModel.from_pretrained passes on
 _LOAD_KWARGS = ("attn_implementation", "force_download", "proxies", "variant", "max_memory", "offload_folder",
                 "quantization_config")
@@ -258,15 +260,27 @@ class EarlyExitModel(nn.Module):
 
     # -- inference -------------------------------------------------------------------------------------
 
+    def exit_settings(self, **overrides: Any) -> EarlyExitConfig:
+        """This model's settings with ``overrides`` (``policy``, ``threshold``, ``patience``, ``exit_layer``,
+        ``min_layer``) applied, validated; the model is not changed."""
+        if not overrides:
+            return self.settings
+        return EarlyExitConfig.from_dict({**asdict(self.settings), **overrides}).validate(self.num_layers)
+
     @torch.no_grad()
     def forward(self, output_layer_logits: bool = False, **inputs: Any) -> EarlyExitOutput:
         """Run blocks until every sample has exited; rows that exit leave the batch. Eval mode while running
-        (the model's own train/eval flags are restored after)."""
-        with eval_mode(self.model):
-            return self._forward(output_layer_logits, **inputs)
+        (the model's own train/eval flags are restored after).
 
-    def _forward(self, output_layer_logits: bool, **inputs: Any) -> EarlyExitOutput:
-        view, settings, L = self.view, self.settings, self.num_layers
+        Exit settings given here (``model(**batch, threshold=0.5)``) apply to this call only: they are call
+        arguments, never written to the model, so one model can serve concurrent calls with different settings.
+        """
+        settings = self.exit_settings(**{k: inputs.pop(k) for k in _SETTING_NAMES if k in inputs})
+        with eval_mode(self.model):
+            return self._forward(output_layer_logits, settings, **inputs)
+
+    def _forward(self, output_layer_logits: bool, settings: EarlyExitConfig, **inputs: Any) -> EarlyExitOutput:
+        view, L = self.view, self.num_layers
         state = view.prepare(**inputs)
         batch = state.batch_size
         device = state.hidden.device

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from ..modeling.early_exit import EarlyExitConfig, EarlyExitModel
+from ..modeling.early_exit import EarlyExitModel
 
 _SETTINGS = ("policy", "threshold", "patience", "exit_layer", "min_layer")
 
@@ -102,7 +102,7 @@ class EarlyExitClassificationPipeline(Pipeline):
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; exit settings are {list(_SETTINGS)}")
         forward = {k: v for k, v in kwargs.items() if v is not None}
         if forward:  # validate now, before any input is processed
-            EarlyExitConfig.from_dict({**vars(self.early_exit.settings), **forward}).validate(self.early_exit.num_layers)
+            self.early_exit.exit_settings(**forward)
         postprocess = {}
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 1:
@@ -130,15 +130,8 @@ class EarlyExitClassificationPipeline(Pipeline):
         return self.tokenizer(inputs, return_tensors="pt", truncation=truncation, max_length=max_length)
 
     def _forward(self, model_inputs, **settings):
-        early_exit = self.early_exit
-        if settings:
-            saved = early_exit.settings
-            early_exit.set_exit(**settings)
-        try:
-            out = early_exit(**model_inputs)
-        finally:
-            if settings:
-                early_exit.settings = saved
+        # the settings are this call's arguments: the shared model is never changed, so threads may share it
+        out = self.early_exit(**model_inputs, **settings)
         return {"logits": out.logits, "exit_layers": out.exit_layers}
 
     def postprocess(self, model_outputs, top_k: int = 1):
