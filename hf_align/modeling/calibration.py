@@ -23,6 +23,7 @@ from ..data import (
     check_dataset_labels,
     check_labels,
     iter_batches,
+    labelled,
     pad_token_id,
     split_labels,
     to_device,
@@ -44,7 +45,8 @@ def _batches(model: EarlyExitModel, data, batch_size: int, collate_fn):
 def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, collate_fn=None, progress: bool = True):
     """Every block's logits and the labels over a labelled dataset: ``(N, L, C)`` float32 and ``(N,)``.
 
-    Labels must be class ids in [0, num_labels) (checked before any forward); the model runs in eval mode and
+    Labels must be class ids in [0, num_labels) or -100 (checked before any forward; samples labelled -100 are left
+    out, as everywhere in hf-align); the model runs in eval mode and
     gets its own train/eval flags back afterwards."""
     num_labels = int(model.config.num_labels)
     check_dataset_labels(data, num_labels, name="calibration data")
@@ -56,8 +58,10 @@ def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, coll
                 raise ValueError(f"the calibration data needs labels (one of {LABEL_KEYS}); got {sorted(batch)}")
             check_labels(labels, num_labels, what="calibration labels")
             per_layer = model.view.layer_logits(**to_device(inputs, model.view.device))
-            all_logits.append(torch.stack(per_layer, dim=1).float().cpu())
-            all_labels.append(torch.as_tensor(labels).cpu())
+            labels = torch.as_tensor(labels).cpu().reshape(-1)
+            keep = labelled(labels)  # the one label rule: samples labelled -100 are not scored
+            all_logits.append(torch.stack(per_layer, dim=1).float().cpu()[keep])
+            all_labels.append(labels[keep])
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 

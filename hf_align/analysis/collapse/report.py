@@ -31,6 +31,7 @@ from ...data import (
     check_dataset_labels,
     check_labels,
     iter_batches,
+    labelled,
     pad_token_id,
     rank_and_world,
     require_reiterable,
@@ -244,12 +245,13 @@ def collapse_report(
     with eval_mode(view.model):
         for y, inputs in batches("collapse: statistics"):
             feats, _ = layer_features(inputs)
+            keep = labelled(y)  # the one label rule: rows labelled -100 carry no class and are left out
             for i, (s, f) in enumerate(zip(stats, feats)):
                 if f.shape[0] != y.shape[0]:
                     raise ValueError(f"got {f.shape[0]} features but {y.shape[0]} labels in a batch (one label per sample)")
-                f = f.cpu()
+                f = f.cpu()[keep]
                 sumsq[i] += float(f.square().sum())
-                s.update(f, y)
+                s.update(f, y[keep])
         if world > 1:
             for s in stats:
                 s.reduce()
@@ -290,12 +292,13 @@ def collapse_report(
             means = [None if layer in reasons else s.means() for s, layer in zip(stats, chosen)]
             wrong = np.zeros(len(chosen))
             n = 0
-            for _, inputs in batches("collapse: nc4"):
+            for y, inputs in batches("collapse: nc4"):
                 feats, pred = layer_features(inputs)
-                pred = pred.cpu().numpy()
+                keep = labelled(y).numpy()  # the samples the class means were computed on
+                pred = pred.cpu().numpy()[keep]
                 for i, f in enumerate(feats):
                     if means[i] is not None:
-                        wrong[i] += np.sum(ncc_predict(f.cpu().numpy(), means[i]) != pred)
+                        wrong[i] += np.sum(ncc_predict(f.cpu().numpy()[keep], means[i]) != pred)
                 n += pred.shape[0]
             if world > 1:
                 counts = torch.from_numpy(np.append(wrong, n).astype(np.float64))
