@@ -193,10 +193,10 @@ class EarlyExitModel(nn.Module):
     @contextlib.contextmanager
     def _settings_in_config(self):
         """``config.early_exit`` = the current settings and ``config.custom_pipelines`` = the trust_remote_code entry
-        (see :data:`~hf_align.pipelines.early_exit_classification.REMOTE_TASK`) while saving; the live config is
+        (see :data:`hf_align.hub.REMOTE_TASK`) while saving; the live config is
         restored afterwards. An entry named "early-exit-classification" (written by hf-align 0.1) is dropped: it
         would make transformers demand ``trust_remote_code`` instead of using the registered task."""
-        from ..pipelines.early_exit_classification import remote_pipeline_entry
+        from ..hub import remote_pipeline_entry
 
         configs = [self.config]
         if self.view.hf_model.config is not self.config:
@@ -232,7 +232,7 @@ class EarlyExitModel(nn.Module):
                                  base_model=base_model, tags=tags)  # bad metadata fails before anything is written
         if os.path.isfile(os.fspath(save_directory)):
             raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
-        from ..pipelines.early_exit_classification import write_remote_code
+        from ..hub import write_remote_code
 
         with self._settings_in_config():
             self.model.save_pretrained(save_directory, **kwargs)
@@ -247,16 +247,11 @@ class EarlyExitModel(nn.Module):
 
         ``card_metadata``: ``card_data``, ``license``, ``language``, ``datasets``, ``base_model``, ``tags`` as in
         :meth:`save_pretrained`. Returns the ``CommitInfo``."""
-        from ..hub import push_folder, user_metadata
+        from ..hub import push_to_hub
 
-        user_metadata(**card_metadata)  # checked before the repo is created
-
-        def save(folder):
-            self.save_pretrained(folder, max_shard_size=max_shard_size, _card_repo=repo_id, **card_metadata)
-
-        return push_folder(save, repo_id, commit_message=commit_message or "Upload early-exit model",
-                           commit_description=commit_description, private=private, token=token, revision=revision,
-                           create_pr=create_pr)
+        return push_to_hub(self, repo_id, default_message="Upload early-exit model", save_kwargs={"max_shard_size": max_shard_size},
+                           commit_message=commit_message, commit_description=commit_description, private=private,
+                           token=token, revision=revision, create_pr=create_pr, **card_metadata)
 
     # -- inference -------------------------------------------------------------------------------------
 
