@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from .cli_data import (
+from ..trainers.aligned_config import LAYER_WEIGHT_SCHEMES, AlignedTrainingArguments
+from .loading import (
     EMBEDDED,
     CLIError,
     DataArguments,
@@ -45,7 +46,6 @@ from .cli_data import (
     select_split,
     train_eval_splits,
 )
-from .trainers.aligned_config import LAYER_WEIGHT_SCHEMES, AlignedTrainingArguments
 
 # ---------------------------------------------------------------------------------------------- arguments
 
@@ -210,7 +210,7 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
     """Aligned fine-tuning: ``AlignedTrainer`` on the train split, layer-wise evaluation, model + card saved."""
     from transformers import set_seed
 
-    from .trainers import AlignedTrainer
+    from ..trainers import AlignedTrainer
 
     set_seed(args.seed)
     checked = _check_model(model_args, data_args, need_classifier=False, command="train")
@@ -236,9 +236,9 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
     """Layer similarity (every metric in ``--metrics``, (L+1)x(L+1) with 0 = embeddings) and per-layer collapse."""
     import warnings
 
-    from . import collapse_report, layer_similarity, plot_collapse_progression, rank_correlation
-    from .analysis import UndefinedSimilarityWarning
-    from .layers import LayerView
+    from ..analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation
+    from ..analysis.collapse import collapse_report, plot_collapse_progression
+    from ..layers import LayerView
 
     checked = _check_model(model_args, data_args, need_classifier=False, command="analyze")
     data = load_raw_dataset(data_args)
@@ -303,9 +303,9 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
 def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: EvaluateArguments) -> int:
     """Accuracy of every block through the model's own head, and the early-exit curve (accuracy vs mean exit
     block over the policy's settings, exits simulated with EarlyExitModel's own rule)."""
-    from .hub import plot_layer_accuracy
-    from .modeling import EarlyExitModel, exit_curve
-    from .modeling.calibration import collect_layer_logits
+    from ..hub import plot_layer_accuracy
+    from ..modeling import EarlyExitModel, exit_curve
+    from ..modeling.calibration import collect_layer_logits
 
     checked = _check_model(model_args, data_args, need_classifier=True, command="evaluate")
     data = load_raw_dataset(data_args)
@@ -340,7 +340,7 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
     ]
     costs = None
     if args.cost_repeats > 0:  # cost of every exit depth on the first batch of this data (the survey's table)
-        from .generation.cost import exit_costs
+        from ..generation.cost import exit_costs
 
         costs = exit_costs(model, next(iter(batches)), repeats=args.cost_repeats, progress=False)
         costs.plot(os.path.join(args.output_dir, "exit_costs.png"))
@@ -373,7 +373,7 @@ def _tiny_family_model(name: str):
     """A tiny random model of a registered family (or model type), built from its config (no download)."""
     import transformers
 
-    from .families import _REGISTRY, TASKS
+    from ..families import _REGISTRY, TASKS
 
     family = _REGISTRY.get(name) or next((f for f in _REGISTRY.values() if name in f.model_types), None)
     if family is None:
@@ -396,8 +396,8 @@ def _tiny_family_model(name: str):
 def cmd_layers(args: LayersArguments) -> int:
     import transformers
 
-    from .families import _supported_text
-    from .layers import LayerView
+    from ..families import _supported_text
+    from ..layers import LayerView
 
     if args.list_families:
         print(_supported_text())
@@ -441,7 +441,7 @@ COMMANDS = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _CommandParser]]:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="hf-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf-align {__version__}")
