@@ -95,3 +95,30 @@ def test_collapse_statistics_and_report_ignore_minus_100():
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9, nan_ok=True), key  # float32 batches differ
+
+
+def test_cli_label_space_and_range_ignore_minus_100():
+    from hf_align.cli.loading import CLIError, check_label_range, label_space
+
+    ds = Dataset.from_dict({"label": [0, 2, -100, 1, -100]})
+    space = label_space([ds], "label")
+    assert space.names == ["0", "1", "2"] and not space.from_strings
+    check_label_range([ds], "label", space, 3, "m")
+    with pytest.raises(CLIError, match="num_labels=2"):
+        check_label_range([ds], "label", space, 2, "m")
+    with pytest.raises(CLIError, match="negative"):
+        label_space([Dataset.from_dict({"label": [0, -1]})], "label")
+
+
+def test_one_digits_split_for_the_library_and_the_cli():
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from hf_align.cli.loading import embedded_dataset
+    from hf_align.data import load_digits_dataset
+
+    target = load_digits().target
+    train, test = train_test_split(np.arange(len(target)), test_size=0.25, random_state=3, stratify=target)
+    library, cli = load_digits_dataset(seed=3), embedded_dataset("embedded:digits", seed=3)
+    for split, idx in (("train", train), ("test", test)):
+        assert [int(y) for y in library[split]["labels"]] == target[idx].tolist() == list(cli[split]["label"])

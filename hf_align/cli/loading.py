@@ -9,62 +9,20 @@ ship with a dependency (``embedded:digits``, ``embedded:scipy-docs``). Every bad
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-EMBEDDED = ("embedded:digits", "embedded:scipy-docs")
+from ..data.embedded import digits_split
+from ..data.labels import IGNORE_INDEX, labelled
+from .arguments import EMBEDDED, DataArguments, ModelArguments  # noqa: F401 (the loaders' arguments)
+
 _FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 class CLIError(ValueError):
     """A bad command-line argument: printed as one line, exit status 2."""
-
-
-# ---------------------------------------------------------------------------------------------- arguments
-
-
-@dataclass
-class ModelArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A local model folder (safetensors weights, config.json, and its tokenizer or image "
-                  "processor) or a Hub repo id; no remote code is run. A checkpoint without a classification head "
-                  "gets AutoModelFor{Sequence,Image}Classification with num_labels from the data. May be omitted "
-                  "with an embedded dataset: a fresh tiny model made for it is used (and named in the output)."},
-    )
-    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Hub cache folder (default: the HF cache)."})
-
-    def hub_kwargs(self) -> dict:
-        return {"revision": self.revision, "cache_dir": self.cache_dir, "trust_remote_code": False}
-
-
-@dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A Hub dataset id, a local folder (csv/json/parquet files or an image folder), a local "
-                  f"file (.csv, .json, .jsonl, .parquet), or an embedded dataset: {', '.join(EMBEDDED)}."},
-    )
-    dataset_config: str | None = field(default=None, metadata={"help": "The dataset's configuration name."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(
-        default="test",
-        metadata={"help": "Split to evaluate / analyze. For training, when the dataset has no such split, "
-                  "--eval_split_size of the train split is held out instead (seeded, stratified)."},
-    )
-    eval_split_size: float = field(
-        default=0.1, metadata={"help": "Fraction of the train split held out for evaluation when there is no test split."}
-    )
-    text_column: str = field(default="text", metadata={"help": "Text column (text models)."})
-    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs."})
-    image_column: str = field(default="image", metadata={"help": "Image column (image models)."})
-    label_column: str = field(default="label", metadata={"help": "Label column: integer class ids, a ClassLabel, or strings."})
-    max_length: int = field(default=128, metadata={"help": "Tokenizer truncation length (text models)."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use a seeded random subset of N training examples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use a seeded random subset of N evaluation examples."})
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -82,14 +40,11 @@ def embedded_dataset(name: str, seed: int = 0):
     if name == "embedded:digits":
         from PIL import Image as PILImage
         from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
 
         digits = load_digits()
         pixels = np.round(digits.images / 16.0 * 255).clip(0, 255).astype(np.uint8)  # (N, 8, 8), 0..16 -> 0..255
         labels = digits.target.astype(np.int64)
-        # the same stratified, seeded split as hf_align.data.load_digits_dataset
-        splits = dict(zip(("train", "test"), train_test_split(np.arange(len(labels)), test_size=0.25, random_state=seed,
-                                                             stratify=labels)))
+        splits = dict(zip(("train", "test"), digits_split(labels, 0.25, seed)))  # = load_digits_dataset's split
         features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
         return DatasetDict({
             split: Dataset.from_dict({"image": [PILImage.fromarray(pixels[i], mode="L") for i in idx],
@@ -209,9 +164,13 @@ def label_space(datasets_: list, column: str) -> LabelSpace:
     if not all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()) for v in values):
         bad = next(v for v in values if not isinstance(v, (int, np.integer, str)))
         raise CLIError(f"label column {column!r} must hold integer class ids or strings, got {bad!r}")
-    low, high = int(min(values)), int(max(values))
+    kept = [int(v) for v in values if int(v) != IGNORE_INDEX]  # the one label rule: -100 = no target, ignored
+    if not kept:
+        raise CLIError(f"label column {column!r} holds no class ids (every label is {IGNORE_INDEX}, the ignore index)")
+    low, high = min(kept), max(kept)
     if low < 0:
-        raise CLIError(f"label column {column!r} holds negative class ids (min {low}); expected ids in 0..num_labels-1")
+        raise CLIError(f"label column {column!r} holds negative class ids (min {low}); expected ids in 0..num_labels-1 "
+                       f"({IGNORE_INDEX} is ignored)")
     return LabelSpace([str(i) for i in range(high + 1)], False)
 
 
@@ -229,11 +188,15 @@ def check_label_range(datasets_: list, column: str, space: LabelSpace, num_label
             raise CLIError(f"label column {column!r} holds {len(space.names)} distinct labels, but {model} has "
                            f"num_labels={num_labels}; use a model with a matching head or a base checkpoint")
         return
-    high = max(int(max(ds[column])) for ds in datasets_ if len(ds))
-    low = min(int(min(ds[column])) for ds in datasets_ if len(ds))
+    ids = np.concatenate([np.asarray(ds[column], dtype=np.int64) for ds in datasets_ if len(ds)])
+    ids = ids[labelled(ids)]
+    if ids.size == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
     if high >= num_labels or low < 0:
         raise CLIError(f"label column {column!r} holds class ids {low}..{high}, but {model} has num_labels={num_labels} "
-                       f"(ids 0..{num_labels - 1}); use a model with a matching head or a base checkpoint")
+                       f"(ids 0..{num_labels - 1}; {IGNORE_INDEX} is ignored); use a model with a matching head or a "
+                       "base checkpoint")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -247,7 +210,7 @@ def load_model_config(model_args: ModelArguments):
     """``(config, modality)`` after checking the folder exists and the family is supported (no weights read)."""
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    from ..families import _supported_text, get_family
+    from ..families import get_family
 
     path = model_args.model_name_or_path
     if not os.path.isdir(path) and _looks_like_path(path):
@@ -260,7 +223,7 @@ def load_model_config(model_args: ModelArguments):
     model_type = getattr(config, "model_type", None)
     if get_family(model_type) is None:
         raise CLIError(f"unknown model family: {path!r} has config.model_type={model_type!r}, which hf-align has no "
-                       f"layer view for; supported: {_supported_text()} (register one with hf_align.register_family)")
+                       f"layer view for; supported: {supported_text()} (register one with hf_align.register_family)")
     if type(config) in AutoModelForSequenceClassification._model_mapping:
         modality = "text"
     elif type(config) in AutoModelForImageClassification._model_mapping:
@@ -268,6 +231,14 @@ def load_model_config(model_args: ModelArguments):
     else:
         raise CLIError(f"{path!r} ({model_type}) has neither a sequence- nor an image-classification model class")
     return config, modality
+
+
+def supported_text() -> str:
+    """The registered families, their model types and tasks, in one line (from the public ``supported_families``)."""
+    from ..families import supported_families
+
+    return "; ".join(f"{name} ({', '.join(f['model_types'])}: {', '.join(f['tasks'])})"
+                     for name, f in supported_families().items())
 
 
 def is_classifier(config, modality: str) -> bool:

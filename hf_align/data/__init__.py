@@ -10,6 +10,7 @@ from .batches import *  # noqa: F401,F403
 from .batches import __all__ as _batches_all
 from .embedded import (
     SCIPY_TOPICS,
+    digits_split,
     lm_blocks,
     load_digits_dataset,
     load_python_docs_texts,
@@ -20,5 +21,5 @@ from .embedded import (
 from .labels import *  # noqa: F401,F403
 from .labels import __all__ as _labels_all
 
-__all__ = [*_batches_all, *_labels_all, "SCIPY_TOPICS", "lm_blocks", "load_digits_dataset", "load_python_docs_texts",
+__all__ = [*_batches_all, *_labels_all, "SCIPY_TOPICS", "digits_split", "lm_blocks", "load_digits_dataset", "load_python_docs_texts",
            "load_scipy_docs_dataset", "train_bpe_tokenizer", "train_wordpiece_tokenizer"]
