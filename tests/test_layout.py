@@ -66,3 +66,43 @@ def test_old_import_path_works_and_warns_once(old):
     assert len(moved) == 1, [str(w.message) for w in caught]
     assert new in str(moved[0].message) and "hf-align 0.3" in str(moved[0].message)
     assert first is again and value is getattr(importlib.import_module(new), name)
+
+
+def _lint(root, pyproject) -> subprocess.CompletedProcess:
+    import os
+    import shutil
+
+    lint = shutil.which("lint-imports") or os.path.join(os.path.dirname(sys.executable), "lint-imports")
+    return subprocess.run([lint, "--config", str(pyproject), "--no-cache"], capture_output=True, text=True,
+                          timeout=300, cwd=root, env={**os.environ, "PYTHONPATH": str(root), "COLUMNS": "400"})
+
+
+@pytest.mark.parametrize("module,line,broken", [
+    (None, None, None),  # the layout itself keeps every contract
+    # an upward import, function-level: data may import nothing of hf-align
+    ("data/batches.py", "def _up():\n    from ..layers import LayerView\n", "layers:"),
+    # an upward import at module level: analysis must not import the CLI
+    ("analysis/pooling.py", "from ..cli import main as _main\n", "layers:"),
+    # siblings importing each other: modeling and analysis are independent
+    ("modeling/multi_exit.py", "def _side():\n    from ..analysis import pool\n", "layers:"),
+    # a cycle inside a package (function-level): similarity <-> streaming
+    ("analysis/similarity.py", "def _cycle():\n    from .streaming import StreamingCKA\n", "no import cycles"),
+])
+def test_import_contracts(tmp_path, module, line, broken):
+    """The import-linter contracts of pyproject.toml (what CI runs): kept by the layout, broken by an upward
+    import, a sibling import or a cycle, function-level imports included."""
+    pytest.importorskip("importlinter")
+    import pathlib
+    import shutil
+
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copytree(repo / "hf_align", tmp_path / "hf_align", ignore=shutil.ignore_patterns("__pycache__"))
+    if module is not None:
+        with open(tmp_path / "hf_align" / module, "a", encoding="utf-8") as f:
+            f.write("\n\n" + line)
+    result = _lint(tmp_path, repo / "pyproject.toml")
+    if broken is None:
+        assert result.returncode == 0, result.stdout + result.stderr
+    else:
+        assert result.returncode != 0
+        assert any(broken in l and "BROKEN" in l for l in result.stdout.splitlines()), result.stdout
