@@ -353,12 +353,12 @@ def fresh_model_for(name: str, train_split, seed: int = 0) -> tuple[Any, Any, st
 
     if name == "embedded:digits":
         return (digits_vit(seed=seed), digits_image_processor(), "image",
-                "a fresh 6-block ViT for 8x8 greyscale digits (random init, hf_align.demo.digits_vit) with an 8x8 "
+                "a fresh 6-block ViT for 8x8 greyscale digits (random init, hf_align.cli.demo.digits_vit) with an 8x8 "
                 "image processor scaling pixels to [-1, 1]")
     if name == "embedded:scipy-docs":
         model, tokenizer = scipy_docs_encoder(train_split["text"], num_labels=train_split.features["label"].num_classes,
                                               seed=seed)
         return (model, tokenizer, "text",
                 f"a fresh {model.config.num_hidden_layers}-block BERT-style encoder (random init, "
-                "hf_align.demo.scipy_docs_encoder) with a WordPiece tokenizer trained on the training texts")
+                "hf_align.cli.demo.scipy_docs_encoder) with a WordPiece tokenizer trained on the training texts")
     raise CLIError(f"--model_name_or_path is required unless --dataset_name is one of {list(EMBEDDED)}")
