@@ -151,7 +151,8 @@ def _hooks(model):
 
 def test_one_pipeline_eight_threads_different_thresholds(text_setup):
     """Exit settings are call arguments: 8 threads sharing one pipeline, each with its own threshold, get exactly
-    the sequential results (and the view-independent reference), and the model is unchanged afterwards."""
+    the sequential results (and the view-independent reference), also with the model left in train mode (each call
+    runs in eval mode), and the model's settings, config, hooks and train/eval flags are unchanged afterwards."""
     import threading
 
     model, tok = text_setup
@@ -169,6 +170,7 @@ def test_one_pipeline_eight_threads_different_thresholds(text_setup):
     assert len({tuple(r[0]["exit_layer"] for r in sequential[t]) for t in thresholds}) > 1  # the settings matter
 
     settings, config_exit = clf.early_exit.settings, getattr(model.config, "early_exit", None)
+    model.train()  # as a freshly built model is: every call must still run in eval mode (dropout off)
     hooks, modes = _hooks(model), [m.training for m in model.modules()]
     start = threading.Barrier(len(thresholds))
     results, errors = {}, []
@@ -181,14 +183,17 @@ def test_one_pipeline_eight_threads_different_thresholds(text_setup):
             errors.append((t, repr(error)))
 
     threads = [threading.Thread(target=work, args=(t,)) for t in thresholds]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert _hooks(model) == hooks and [m.training for m in model.modules()] == modes  # still in train mode
+    finally:
+        model.eval()  # the module-scoped fixture's mode
     assert errors == []
     for t in thresholds:
         assert all(rep == sequential[t] for rep in results[t]), t
     assert clf.early_exit.settings == settings and clf.early_exit.settings.threshold == 0.5
     assert getattr(model.config, "early_exit", None) == config_exit
-    assert _hooks(model) == hooks and [m.training for m in model.modules()] == modes
     assert clf(SENTENCES[0]) == clf(SENTENCES[0], threshold=0.5)  # the default is still the constructed one
