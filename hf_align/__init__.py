@@ -3,7 +3,7 @@
 Importing the package is cheap (no torch, no transformers pipelines, no diffusers): every public name and
 subpackage is imported on first use (PEP 562), and the registrations wait for the module they register into
 (:mod:`hf_align._registration`): ``pipeline("early-exit-classification")`` once ``transformers.pipelines`` is
-imported, the multi-exit Auto classes once ``transformers.modeling_utils`` is, and ``SuperResolutionPipeline`` for
+imported, the multi-exit Auto classes once transformers' Auto classes (or ``modeling_utils``) are, and ``SuperResolutionPipeline`` for
 ``diffusers.DiffusionPipeline.from_pretrained`` once ``diffusers`` is.
 """
 
@@ -70,7 +70,9 @@ def _register_diffusers_pipeline() -> None:  # DiffusionPipeline.from_pretrained
     register_diffusers_pipeline()
 
 
-when_imported("transformers.modeling_utils", _register_auto_classes)
+# AutoConfig / AutoModel...from_pretrained(<multi-exit folder>) need it before any model module is imported
+when_imported(("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
+               "transformers.modeling_utils"), _register_auto_classes)
 when_imported("transformers.pipelines", _register_pipeline)
 when_imported("diffusers", _register_diffusers_pipeline)
 

@@ -15,8 +15,40 @@ import threading
 import warnings
 from collections.abc import Callable
 
-_PENDING: dict[str, list[Callable[[], None]]] = {}
-_LOCK = threading.RLock()
+_LOCK = threading.Lock()  # guards _PENDING only
+
+
+class _Registration:
+    """One action, run once after the first of ``names`` has been imported. An ``ImportError`` (a module it needs is
+    itself still being imported) leaves it waiting for the others; any other failure is a warning, never an error in
+    the user's import."""
+
+    def __init__(self, action: Callable[[], None], names: tuple[str, ...]):
+        self.action, self.names, self.done = action, names, False
+
+    def run(self, just_imported: str | None = None) -> None:
+        # no lock held while the action imports (another thread may hold an import lock and wait for ours); the
+        # actions are idempotent, so two threads running one at the same time is harmless
+        if self.done:
+            return
+        try:
+            self.action()
+            self.done = True
+        except ImportError as error:
+            if any(n != just_imported and not _initialised(n) for n in self.names):
+                return  # retried when one of the other modules is imported
+            self.done = True
+            self._warn(error)
+        except Exception as error:
+            self.done = True
+            self._warn(error)
+
+    def _warn(self, error: Exception) -> None:
+        warnings.warn(f"hf-align could not run {getattr(self.action, '__qualname__', self.action)} after importing "
+                      f"{' / '.join(self.names)}: {error!r}", RuntimeWarning, stacklevel=3)
+
+
+_PENDING: dict[str, list[_Registration]] = {}
 
 
 def _initialised(name: str) -> bool:
@@ -27,13 +59,9 @@ def _initialised(name: str) -> bool:
 
 def _run(name: str) -> None:
     with _LOCK:
-        actions = _PENDING.pop(name, [])
-    for action in actions:
-        try:
-            action()
-        except Exception as error:  # never break the user's import; say what did not get registered
-            warnings.warn(f"hf-align could not register {getattr(action, '__qualname__', action)} after importing "
-                          f"{name}: {error!r}", RuntimeWarning, stacklevel=2)
+        registrations = _PENDING.pop(name, [])
+    for registration in registrations:
+        registration.run(just_imported=name)
 
 
 class _RunAfterLoader(importlib.abc.Loader):
@@ -71,12 +99,18 @@ class _Finder(importlib.abc.MetaPathFinder):
 _FINDER = _Finder()
 
 
-def when_imported(name: str, action: Callable[[], None]) -> None:
-    """Run ``action()`` now if module ``name`` is imported, else right after its first import."""
+def when_imported(names: str | tuple[str, ...], action: Callable[[], None]) -> None:
+    """Run ``action()`` once: now if one of the modules ``names`` is imported, else right after the first of them is
+    imported (an ``ImportError`` from the action retries it at the next one)."""
+    names = (names,) if isinstance(names, str) else tuple(names)
+    registration = _Registration(action, names)
+    if any(_initialised(n) for n in names):
+        registration.run()
+    if registration.done:
+        return
     with _LOCK:
-        if not _initialised(name):
-            _PENDING.setdefault(name, []).append(action)
-            if _FINDER not in sys.meta_path:
-                sys.meta_path.insert(0, _FINDER)
-            return
-    action()
+        for name in names:
+            if not _initialised(name):
+                _PENDING.setdefault(name, []).append(registration)
+        if _FINDER not in sys.meta_path:
+            sys.meta_path.insert(0, _FINDER)

@@ -52,6 +52,24 @@ def test_registers_at_once_when_the_modules_are_already_imported():
     assert result == {"task": True, "sr": True}
 
 
+def test_multi_exit_folder_loads_through_auto_classes_in_a_fresh_process(tmp_path):
+    """The first thing the fresh process imports after hf_align is an Auto class (no model module, no pipeline)."""
+    import transformers as T
+
+    from hf_align import add_exit_heads
+
+    config = T.BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                          intermediate_size=20, num_labels=3)
+    add_exit_heads(T.BertForSequenceClassification(config)).save_pretrained(tmp_path)
+    result = _fresh_process(
+        "import json, hf_align\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        f"model = AutoModelForSequenceClassification.from_pretrained({str(tmp_path)!r})\n"
+        "print(json.dumps(dict(cls=type(model).__name__, heads=len(model.exit_heads))))\n"
+    )
+    assert result == {"cls": "MultiExitModel", "heads": 1}
+
+
 @pytest.mark.parametrize("old", sorted(OLD_PATHS))
 def test_old_import_path_works_and_warns_once(old):
     new, name = OLD_PATHS[old]
