@@ -31,7 +31,7 @@ _LAZY = {
     **{name: ".analysis.collapse" for name in ("ClassStatistics", "collapse_metrics", "collapse_report", "gnc2",
                                                "plot_collapse_progression")},
     # self-speculative decoding (generation/)
-    **{name: ".generation" for name in ("SpeculativeStats", "choose_exit_layer", "speculative_generate")},
+    **{name: ".generation" for name in ("SpeculativeStats", "choose_exit_layer", "self_speculative", "speculative_generate")},
     # DREAM and super-resolution (diffusers)
     "dream_rectify": ".diffusion",
     "sr_unet": ".diffusion",

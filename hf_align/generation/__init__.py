@@ -4,12 +4,13 @@ Self-speculative decoding (draft with the first k blocks, verify with all), per-
 cost of every exit depth.
 """
 
-from .auto_exit import choose_exit_layer
 from .cost import ExitCostTable, exit_costs, plot_exit_costs
 from .per_token_exit import CONFIDENCES, EarlyExitGenerateOutput, PerTokenEarlyExit, early_exit_generate
 from .speculative import (
     SpeculativeDecoderOnlyOutput,
     SpeculativeStats,
+    choose_exit_layer,
+    self_speculative,
     speculative_acceptance,
     speculative_generate,
     speculative_sample,
@@ -26,6 +27,7 @@ __all__ = [
     "early_exit_generate",
     "exit_costs",
     "plot_exit_costs",
+    "self_speculative",
     "speculative_acceptance",
     "speculative_generate",
     "speculative_sample",

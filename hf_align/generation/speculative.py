@@ -19,33 +19,44 @@ L blocks for n+1 positions (transformers' ``assistant_early_exit`` keeps a separ
 Greedy output equals ``model.generate`` token for token (up to floating-point accumulation order: the verifier
 scores n+1 positions in one pass where ``generate`` scores them one at a time). Sampling output is distributed
 exactly as ``generate``'s (Leviathan et al. 2023, Chen et al. 2023): for every position the emitted token has the
-target distribution p, whatever q is. In a batch the round keeps the smallest accepted count over unfinished rows
-so one cache crop serves all rows; a row that accepted more emits its next accepted draft token, which is still an
-exact sample of p.
+target distribution p, whatever q is. Every logits processor ``generate`` prepared (repetition penalty, n-gram
+bans, bad words, min_new_tokens, forced and suppressed tokens, the sampling warpers) is applied at every drafted
+and every verified position, on that position's own prefix, exactly as ``_sample`` applies it one token at a time.
+
+**Batches.** Each row keeps its own accepted count: the cache keeps the slots of the longest accepted prefix of the
+round, the slots a row rejected are masked out for that row (its own attention mask), and position ids are per
+row, so one shared cache serves rows that advance at different speeds; the holes are squeezed out of the cache
+from time to time. Emission is separate from compute: tokens go to ``generate``'s stopping criteria, streamer and
+scores one position at a time for the whole batch, as in ``_sample``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-import weakref
+import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
-from transformers.cache_utils import DynamicCache
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
+from transformers.cache_utils import DynamicCache, StaticCache
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..layers import HeadContext, LayerView, _task_of, preserved_state, unwrap_model
+from ..layers import LayerView, preserved_state
+from .auto_exit import AUTO_DRAFT_COUNTS, ExitChooser
+from .front_door import (
+    EMPTY_CONTEXT,
+    check_attention_mask,
+    check_decoder,
+    check_front,
+    check_generation,
+    check_input_ids,
+    layer_view,
+)
 
 __all__ = [
     "SpeculativeDecoderOnlyOutput",
@@ -53,28 +64,9 @@ __all__ = [
     "speculative_acceptance",
     "speculative_generate",
     "speculative_sample",
+    "choose_exit_layer",
+    "self_speculative",
 ]
-
-# generation settings speculative decoding honours (the rest must keep generate's default value)
-_HONOURED = {
-    "max_length", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "pad_token_id",
-    "bos_token_id", "eos_token_id", "decoder_start_token_id", "return_dict_in_generate", "use_cache",
-}
-# settings that have no effect on a single-sequence decoding without an assistant model / beams / compilation
-_INERT = {
-    "_from_model_config", "transformers_version", "length_penalty", "early_stopping", "num_assistant_tokens",
-    "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind", "target_lookbehind",
-    "compile_config", "disable_compile", "is_assistant", "cache_config", "continuous_batching_config",
-    "diversity_penalty", "num_beam_groups", "prefill_chunk_size", "max_cache_len",
-}
-# neutral values of settings that speculative decoding cannot honour (beyond generate's own defaults)
-_NEUTRAL = {
-    "output_attentions": False, "output_hidden_states": False, "output_scores": False, "output_logits": False,
-    "min_new_tokens": 0, "low_memory": False, "renormalize_logits": False, "token_healing": False,
-    "cache_implementation": "dynamic", "use_mtp": False,
-}
-_EMPTY_CONTEXT = HeadContext()
-
 
 # ----------------------------------------------------------------------------------------------------------
 # The acceptance rule (pure functions)
@@ -144,10 +136,13 @@ class SpeculativeStats:
     rounds: int = 0
     drafted: int = 0
     accepted: int = 0
+    rejections: int = 0  # (row, round) pairs that rejected a draft token (the MLE of i.i.d. acceptance is
+    # accepted / (accepted + rejections))
     new_tokens: int = 0
     seconds: float = 0.0
     calibration: dict[str, Any] | None = None
     fast_path: bool | None = None  # draft steps skipped the model's preamble (checked bit-exact on first use)
+    ragged: bool | None = None  # rows advanced by their own accepted counts (else together, by the smallest)
     block_positions: list[int] = field(default_factory=list)  # positions run through each block (KV-reuse check)
 
     @property
@@ -164,7 +159,7 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("exit_layer", "num_draft_tokens", "num_layers", "batch_size", "rounds", "drafted", "accepted",
-                "new_tokens", "seconds", "fast_path", "acceptance_rate", "tokens_per_round", "tokens_per_second")
+                "new_tokens", "seconds", "fast_path", "ragged", "rejections", "acceptance_rate", "tokens_per_round", "tokens_per_second")
         out = {key: getattr(self, key) for key in keys}
         if self.calibration is not None:
             out["calibration"] = self.calibration
@@ -179,139 +174,65 @@ class SpeculativeDecoderOnlyOutput(GenerateDecoderOnlyOutput):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Validation (no work before it passes)
+# Logits processors at positions of rows of different lengths
 # ----------------------------------------------------------------------------------------------------------
 
-_VIEWS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# transformers' processors whose output for a row depends only on that row's prefix and scores (and the prefix
+# length): they may be called on any subset of rows, so rows of a batch can advance by their own accepted counts
+_ROW_LOCAL = {
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper", "RepetitionPenaltyLogitsProcessor",
+    "NoRepeatNGramLogitsProcessor", "NoBadWordsLogitsProcessor", "SequenceBiasLogitsProcessor",
+    "MinLengthLogitsProcessor", "MinNewTokensLengthLogitsProcessor", "SuppressTokensLogitsProcessor",
+    "SuppressTokensAtBeginLogitsProcessor", "ForcedBOSTokenLogitsProcessor", "ForcedEOSTokenLogitsProcessor",
+    "ExponentialDecayLengthPenalty", "InfNanRemoveLogitsProcessor", "LogitNormalization",
+}
 
 
-def _layer_view(model: nn.Module) -> LayerView:
-    """One self-checked :class:`LayerView` per live model (kept in a module-level weak map, not on the model)."""
-    view = _VIEWS.get(model)
-    if view is None:
-        view = LayerView(model)
-        _VIEWS[model] = view
-    return view
+# their per-row attributes (one entry per batch row), sliced when the processor is called on a subset of rows
+_PER_ROW_ATTRIBUTES = {"RepetitionPenaltyLogitsProcessor": ("prompt_ignore_length",)}
 
 
-def _check_model(model: Any) -> nn.Module:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"speculative_generate expects a transformers causal LM (torch.nn.Module), got {type(model).__name__}")
-    hf_model = unwrap_model(model)
-    config = getattr(hf_model, "config", None)
-    name = type(hf_model).__name__
-    if config is None:
-        raise TypeError(f"speculative_generate expects a transformers model with a config, got {name}")
-    if getattr(config, "is_encoder_decoder", False):
-        raise ValueError(f"{name} is an encoder-decoder model; speculative_generate supports decoder-only causal LMs")
-    task = _task_of(hf_model)
-    if task in ("sequence-classification", "image-classification"):
-        raise ValueError(
-            f"{name} is a classifier with no LM head; speculative decoding drafts and verifies tokens through the "
-            "model's LM head, so it needs a causal LM (a *ForCausalLM / *LMHeadModel model)"
-        )
-    if task != "causal-lm":
-        kind = "an encoder-only model" if not hf_model.can_generate() and getattr(config, "is_decoder", None) is False \
-            else "a model without an LM head"
-        raise ValueError(
-            f"{name} is {kind} (no causal LM head); speculative decoding needs a decoder-only causal LM "
-            "(a *ForCausalLM / *LMHeadModel model of a supported family)"
-        )
-    if hasattr(config, "is_decoder") and not config.is_decoder and not _is_causal_family(hf_model):
-        raise ValueError(
-            f"{name} is an encoder-only (bidirectional) model: config.is_decoder is False, so it cannot decode "
-            "left to right; speculative decoding needs a decoder-only causal LM"
-        )
-    return hf_model
+def _row_local(processors: LogitsProcessorList) -> bool:
+    return all(type(p).__name__ in _ROW_LOCAL for p in processors)
 
 
-def _is_causal_family(hf_model: nn.Module) -> bool:
-    """Decoder-only families (registry data: their sequence classifiers read the last token)."""
-    from ..layers import get_family
-
-    family = get_family(hf_model.config.model_type)
-    return family is not None and family.pooling.get("sequence-classification") == "last"
-
-
-def _generation_config(hf_model: nn.Module, kwargs: dict[str, Any]) -> GenerationConfig:
-    """``generate``'s own merge: the model's generation config, generate's defaults where unset, then kwargs."""
-    config = copy.deepcopy(hf_model.generation_config)
-    config.update(**GenerationConfig._get_default_generation_params(), defaults_only=True)
-    unused = config.update(**kwargs)
-    if unused:
-        raise ValueError(
-            f"speculative_generate cannot honour the argument(s) {sorted(unused)}: it accepts input_ids, "
-            "attention_mask and generation-config settings (max_new_tokens, do_sample, temperature, top_k, top_p, "
-            "min_p, eos_token_id, pad_token_id, return_dict_in_generate); logits processors, stopping criteria, "
-            "streamers, assistant models and extra model inputs are not supported"
-        )
-    defaults = GenerationConfig._get_default_generation_params()
-    bad = []
-    for key, value in config.to_dict().items():
-        if key in _HONOURED or key in _INERT or value is None:
-            continue
-        if key in defaults and value == defaults[key]:
-            continue
-        if key in _NEUTRAL and value == _NEUTRAL[key]:
-            continue
-        bad.append(f"{key}={value!r}")
-    if config.use_cache is False:
-        bad.append("use_cache=False (speculative decoding needs the KV cache)")
-    if bad:
-        raise ValueError(
-            f"speculative_generate cannot honour {', '.join(bad)}: it supports greedy decoding and sampling with "
-            "temperature / top_k / top_p / min_p only (no beam search, repetition or n-gram penalties, forced or "
-            "suppressed tokens, stop strings, multiple return sequences, per-step scores or attentions)"
-        )
-    return config
+def _for_rows(processor: Any, rows: torch.Tensor, batch: int) -> Any:
+    """The processor as it would be for a batch of just ``rows`` (its per-row attributes sliced; a shallow copy)."""
+    names = [name for name in _PER_ROW_ATTRIBUTES.get(type(processor).__name__, ())
+             if isinstance(getattr(processor, name, None), torch.Tensor) and getattr(processor, name).shape[:1] == (batch,)]
+    if not names:
+        return processor
+    subset = copy.copy(processor)
+    for name in names:
+        setattr(subset, name, getattr(processor, name)[rows.to(getattr(processor, name).device)])
+    return subset
 
 
-def _check_inputs(input_ids: Any, attention_mask: Any) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-        got = f"{type(input_ids).__name__}" + (f" of shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}"
-                                             if isinstance(input_ids, torch.Tensor) else "")
-        raise TypeError(f"input_ids must be a (batch, length) integer tensor, got {got}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids must hold at least one prompt token per row")
-    if attention_mask is None:
-        return
-    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, got {shape}")
-    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-    if not bool((attention_mask[:, -1] == 1).all()):
-        raise ValueError(
-            "speculative_generate needs left padding (every row's last prompt position must be a real token), as "
-            "decoder-only generate does; pad on the left (tokenizer.padding_side = 'left')"
-        )
-    if not bool((attention_mask.sum(-1) > 0).all()):
-        raise ValueError("every row of attention_mask needs at least one real token")
+class _Processors:
+    """generate's prepared logits processors, applied at one position of every row, on that row's own prefix.
 
+    ``tokens`` (B, T) holds each row's sequence (left-padded prompt + its tokens so far, as ``_sample``'s input_ids
+    would be when that row reaches this position); ``lengths`` (B,) says where each row's prefix ends. Rows of equal
+    length are processed together (with one length: the whole batch in one call, exactly as ``_sample`` calls it).
+    """
 
-def _check_window(hf_model: nn.Module, total_length: int) -> None:
-    """Sliding-window attention layers keep only the last W keys; drafting past the window is not supported."""
-    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=hf_model.config).layers
-               if getattr(layer, "is_sliding", False)]
-    windows = [w for w in windows if isinstance(w, int)]
-    if windows and total_length > min(windows):
-        raise ValueError(
-            f"{type(hf_model).__name__} uses sliding-window attention (window {min(windows)} tokens) and prompt + "
-            f"max_new_tokens = {total_length} exceeds it; speculative_generate supports sliding-window models only "
-            "within the window"
-        )
+    def __init__(self, processors: LogitsProcessorList):
+        self.processors = processors
 
-
-def _check_schedule(exit_layer: Any, num_draft_tokens: Any, num_layers: int) -> None:
-    if isinstance(exit_layer, bool) or not (isinstance(exit_layer, int) or exit_layer == "auto"):
-        raise TypeError(f"exit_layer must be an integer in [1, {num_layers - 1}] or 'auto', got {exit_layer!r}")
-    if isinstance(exit_layer, int) and not 1 <= exit_layer <= num_layers - 1:
-        raise ValueError(
-            f"exit_layer must be in [1, {num_layers - 1}] (the draft uses blocks 1..exit_layer of the model's "
-            f"{num_layers}), got {exit_layer}"
-        )
-    if isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
-        raise ValueError(f"num_draft_tokens must be a positive integer, got {num_draft_tokens!r}")
+    def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        if not self.processors:
+            return logits
+        first = int(lengths[0])
+        if bool((lengths == first).all()):
+            return self.processors(tokens[:, :first], logits)
+        out = torch.empty_like(logits)
+        batch = logits.shape[0]
+        for value in torch.unique(lengths).tolist():
+            rows = (lengths == value).nonzero().squeeze(-1)
+            processors = LogitsProcessorList(_for_rows(p, rows, batch) for p in self.processors)
+            out[rows] = processors(tokens[rows, :value], logits[rows])
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -320,89 +241,113 @@ def _check_schedule(exit_layer: Any, num_draft_tokens: Any, num_layers: int) -> 
 
 
 class _Decoder:
-    """The state of one speculative_generate call: the sequences, the shared DynamicCache and the settings."""
+    """The state of one decoding call.
 
-    def __init__(self, view: LayerView, config: GenerationConfig, input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor | None, generator: torch.Generator | None, count_blocks: bool):
+    Compute and emission are kept apart. **Compute** runs draft-verify rounds on a shared KV cache; each row keeps
+    its own accepted count (``ragged``): the round keeps, for every layer, the slots of the longest accepted prefix
+    in the batch, and marks the slots that a row rejected as padding in the attention mask (``slot_mask``), so a
+    row's later tokens never attend to them; position ids are per row. Holes are squeezed out of the cache now and
+    then (:meth:`compact`). Each row's accepted tokens go to its own buffer (``tokens``, ``length``). **Emission**
+    then hands the tokens to ``generate``'s machinery one position at a time, for all rows together, exactly as
+    ``_sample`` does: pad for finished rows, stopping criteria on the whole batch, the streamer, the scores.
+    """
+
+    def __init__(self, view: LayerView, config: GenerationConfig, processors: LogitsProcessorList,
+                 stopping_criteria: StoppingCriteriaList, streamer: Any, input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Any,
+                 generator: torch.Generator | None, max_draft: int, ragged: bool, count_blocks: bool):
         self.view = view
         self.model = view.hf_model
         self.config = config
+        self.processors = _Processors(processors)
+        self.stopping = stopping_criteria
+        self.streamer = streamer
         self.generator = generator
-        self.num_layers = view.num_layers
-        self.sequences = input_ids
-        self.prompt_length = input_ids.shape[1]
-        batch = input_ids.shape[0]
-        # generate's position ids: cumsum of the mask - 1 (pads get 0); the mask is dropped when it is all ones
-        if attention_mask is not None and not bool((attention_mask == 1).all()):
-            self.mask = attention_mask.to(torch.long)
-            positions = (self.mask.cumsum(-1) - 1).masked_fill(self.mask == 0, 0)
-        else:
-            self.mask = None
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand(batch, -1)
-        self.prompt_positions = positions
-        self.last_position = positions[:, -1]
-        eos = config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        self.eos = torch.tensor(eos, dtype=torch.long, device=input_ids.device)
-        pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None)
-        self.pad = pad
-        self.unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
         self.do_sample = bool(config.do_sample)
-        self.warpers = self._warpers(config) if self.do_sample else None
-        self.cache = DynamicCache(config=self.model.config)
+        self.num_layers = view.num_layers
+        self.ragged = ragged
+        batch, prompt = input_ids.shape
+        device = input_ids.device
+        self.device = device
+        self.rows = torch.arange(batch, device=device)
+        self.prompt_length = prompt
+        self.max_new = int(config.max_length) - prompt
+        room = prompt + self.max_new + 2 * (max_draft + 1) + 2
+        self.tokens = input_ids.new_zeros(batch, room)
+        self.tokens[:, :prompt] = input_ids
+        self.length = torch.full((batch,), prompt, dtype=torch.long, device=device)
+        self.out = input_ids  # what _sample's input_ids would be: the emitted columns, pads after a row finished
+        mask = attention_mask.to(torch.long) if attention_mask is not None else None
+        if position_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) if mask is not None else \
+                torch.arange(prompt, device=device).expand(batch, -1)
+        self.prompt_positions = position_ids
+        self.position = position_ids[:, -1].clone()  # position id of the last token in each row's buffer
+        self.slot_mask = mask if mask is not None and not bool((mask == 1).all()) else None
+        self.cache = cache
+        self.static = isinstance(cache, StaticCache)
+        self.capacity = int(cache.layers[0].max_cache_len) if self.static else None
+        limit = getattr(self.model.config, "max_position_embeddings", None) or getattr(
+            self.model.config, "n_positions", None)
+        self.position_limit = int(limit) if isinstance(limit, int) else None
+        self.eos = config._eos_token_tensor if getattr(config, "_eos_token_tensor", None) is not None else None
+        if self.eos is not None:
+            self.eos = self.eos.to(device).reshape(-1)
+        pad = getattr(config, "_pad_token_tensor", None)
+        self.pad = pad.to(device) if pad is not None else None
+        self.has_eos_criteria = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        self.unfinished = torch.ones(batch, dtype=torch.long, device=device)
+        self.compute_done = torch.zeros(batch, dtype=torch.bool, device=device)
+        keep_scores = bool(config.return_dict_in_generate and config.output_scores)
+        keep_logits = bool(config.return_dict_in_generate and config.output_logits)
+        vocab = self.model.get_output_embeddings().weight.shape[0] if self.model.get_output_embeddings() is not None \
+            else None
+        shape = (batch, room - prompt, vocab)
+        self.score_buffer = torch.zeros(shape, dtype=torch.float32, device=device) if keep_scores else None
+        self.logit_buffer = torch.zeros(shape, dtype=torch.float32, device=device) if keep_logits else None
+        self.scores: tuple | None = () if keep_scores else None
+        self.raw_logits: tuple | None = () if keep_logits else None
         self.counts = [0] * self.num_layers if count_blocks else None
         self.embed = self.model.get_input_embeddings()
         self.fast = None  # None: not yet checked; True/False: draft steps skip the model's preamble (see _fast_state)
+        self.pending = None  # (B,) each row's last token, not yet in the cache
+        self.layer_agreement: dict[int, tuple[int, int]] | None = None
 
-    @staticmethod
-    def _warpers(config: GenerationConfig) -> LogitsProcessorList:
-        """generate's sampling warpers, in generate's order (temperature, top-k, top-p, min-p)."""
-        warpers = LogitsProcessorList()
-        if config.temperature is not None and config.temperature != 1.0:
-            warpers.append(TemperatureLogitsWarper(config.temperature))
-        if config.top_k is not None and config.top_k != 0:
-            warpers.append(TopKLogitsWarper(top_k=config.top_k, min_tokens_to_keep=1))
-        if config.top_p is not None and config.top_p < 1.0:
-            warpers.append(TopPLogitsWarper(top_p=config.top_p, min_tokens_to_keep=1))
-        if config.min_p is not None:
-            warpers.append(MinPLogitsWarper(min_p=config.min_p, min_tokens_to_keep=1))
-        return warpers
+    # -- helpers ---------------------------------------------------------------------------------------
 
-    def probs(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., V) logits -> warped probabilities (float32 like generate)."""
-        shape = logits.shape
-        scores = self.warpers(None, logits.reshape(-1, shape[-1]).float())
-        return torch.softmax(scores, dim=-1).reshape(shape)
+    def slots(self) -> int:
+        return int(self.cache.get_seq_length())
 
-    # -- running the model ------------------------------------------------------------------------------
+    def _pick(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """generate's token selection from processed (B, V) scores: argmax, or a sample of softmax(scores)."""
+        if not self.do_sample:
+            return scores.argmax(-1), None
+        probs = torch.softmax(scores, dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(-1), probs
 
-    def _mask_upto(self, length: int) -> torch.Tensor | None:
-        if self.mask is None:
-            return None
-        extra = length - self.mask.shape[1]
-        if extra <= 0:
-            return self.mask[:, :length]
-        return torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], extra)], dim=1)
+    def _run(self, state, until: int):
+        if self.counts is not None:
+            for layer in range(state.depth, until):
+                self.counts[layer] += state.hidden.shape[1]
+        return self.view.run_blocks(state, until)
 
-    def _state(self, ids: torch.Tensor, first_position: torch.Tensor, total_length: int, mask: Any = None,
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(B, m, D) -> (B, m, V) float32 logits through the model's own head (final norm + LM head)."""
+        return self.view.head(hidden, EMPTY_CONTEXT).to(torch.float32)
+
+    def _state(self, ids: torch.Tensor, positions: torch.Tensor, mask2d: torch.Tensor | None, mask4=None,
                embeds: bool = False):
-        """The model's own forward up to block 1 for ``ids`` (B, m) at positions first_position + 0..m-1.
+        """The model's own forward up to block 1 for ``ids`` (B, m) at ``positions`` (B, m).
 
-        ``mask``: an already built 4D mask for these queries (a slice of the verify pass's mask); the model returns
-        a 4D mask as it is, so draft steps skip mask construction. Otherwise the model builds its own from the 2D mask.
+        ``mask4``: an already built 4D mask for these queries (a slice of the verify pass's mask); the model takes a
+        4D mask as it is, so draft steps skip mask construction. Otherwise the model builds its own from ``mask2d``.
         """
-        m = ids.shape[1]
-        inputs = {
-            "position_ids": first_position[:, None] + torch.arange(m, device=ids.device),
-            "cache": self.cache,
-            "use_cache": True,
-        }
+        inputs = {"position_ids": positions, "cache": self.cache, "use_cache": True}
         if embeds:  # zero token embeddings: the state's hidden is then the position part of the embedding output
-            inputs["inputs_embeds"] = self.embed.weight.new_zeros(ids.shape[0], m, self.embed.weight.shape[1])
+            inputs["inputs_embeds"] = self.embed.weight.new_zeros(ids.shape[0], ids.shape[1], self.embed.weight.shape[1])
         else:
             inputs["input_ids"] = ids
-        if mask is None:
-            mask = self._mask_upto(total_length)
+        mask = mask4 if mask4 is not None else mask2d
         if mask is not None:
             inputs["attention_mask"] = mask
         return self.view.prepare(**inputs)
@@ -410,11 +355,12 @@ class _Decoder:
     def _fast_state(self, verify, token: torch.Tensor, i: int, n: int, step_mask):
         """Draft step i's block inputs without running the model's preamble.
 
-        ``verify`` was prepared with zero token embeddings for positions p..p+n, so its hidden is the position part
-        of the embedding output; the step's input is ``embed(token) + verify.hidden[:, i]`` and its block arguments
-        are the verify pass's, sliced to query i (rotary tables, position ids) and keys :p+i+1 (the 4D mask).
-        Exact only for embeddings of the form ``embed(ids) + f(positions)``, so the first use is compared with
-        the model's own preamble (tensor for tensor, bit for bit) and the fast path is dropped if anything differs.
+        ``verify`` was prepared with zero token embeddings for the n+1 positions of the round, so its hidden is the
+        position part of the embedding output; the step's input is ``embed(token) + verify.hidden[:, i]`` and its
+        block arguments are the verify pass's, sliced to query i (rotary tables, position ids) and to the keys
+        before it (the 4D mask). Exact only for embeddings of the form ``embed(ids) + f(positions)``, so the first
+        use is compared with the model's own preamble (tensor for tensor, bit for bit) and dropped if anything
+        differs.
         """
         hidden = self.embed(token[:, None]) + verify.hidden[:, i: i + 1]
         batch = token.shape[0]
@@ -430,105 +376,209 @@ class _Decoder:
         return replace(verify.map_arguments(cut), hidden=hidden)
 
     @staticmethod
-    def _find_mask(state, queries: int, keys: int) -> torch.Tensor | None:
+    def _find_mask(state, queries: int) -> torch.Tensor | None:
         """The 4D attention mask (.., queries, keys) among the captured block arguments, if the model built one."""
         for value in state.arguments():
-            if isinstance(value, torch.Tensor) and value.dim() == 4 and tuple(value.shape[-2:]) == (queries, keys):
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[-2] == queries:
                 return value
         return None
 
-    def _run(self, state, until: int):
-        if self.counts is not None:
-            for layer in range(state.depth, until):
-                self.counts[layer] += state.hidden.shape[1]
-        return self.view.run_blocks(state, until)
+    def _process(self, lengths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        return self.processors(self.tokens, lengths, logits)
 
-    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Next token from (B, V) draft logits: argmax, or a sample of the warped q (returned too)."""
-        if not self.do_sample:
-            return logits.float().argmax(-1), None
-        q = self.probs(logits)
-        return torch.multinomial(q, 1, generator=self.generator).squeeze(-1), q
+    # -- prefill ---------------------------------------------------------------------------------------
 
-    def prefill(self) -> torch.Tensor:
-        """All L blocks over the prompt, as generate's first step; returns the first new token (B,)."""
-        inputs = {"input_ids": self.sequences, "position_ids": self.prompt_positions, "cache": self.cache,
-                  "use_cache": True}
-        if self.mask is not None:
-            inputs["attention_mask"] = self.mask
+    def prefill(self, agreement_positions: int = 0) -> None:
+        """All L blocks over the prompt, as generate's first step; the first new token goes to every row's buffer.
+
+        With ``agreement_positions`` > 0, also count, for every block l < L, on the last real prompt positions, how
+        often the shared head's argmax after block l equals the final one (teacher-forced agreement on the prompt,
+        the prior of the automatic exit choice)."""
+        ids = self.tokens[:, : self.prompt_length]
+        inputs = {"input_ids": ids, "position_ids": self.prompt_positions, "cache": self.cache, "use_cache": True}
+        if self.slot_mask is not None:
+            inputs["attention_mask"] = self.slot_mask
         state = self.view.prepare(**inputs)
-        state = self._run(state, self.num_layers)
-        logits = self.view.head(state.hidden[:, -1:], _EMPTY_CONTEXT)[:, -1]
-        if not self.do_sample:
-            return logits.float().argmax(-1)
-        return torch.multinomial(self.probs(logits), 1, generator=self.generator).squeeze(-1)
+        window = min(agreement_positions, self.prompt_length - 1)
+        guesses = {}
+        while state.depth < self.num_layers:
+            state = self._run(state, state.depth + 1)
+            if window and state.depth < self.num_layers:
+                guesses[state.depth] = self._head(state.hidden[:, -window - 1: -1]).argmax(-1)
+        logits = self._head(state.hidden[:, -window - 1:])
+        if window:
+            final = logits[:, :-1].argmax(-1)
+            real = (self.slot_mask[:, -window - 1: -1] == 1) if self.slot_mask is not None else torch.ones_like(final,
+                                                                                                           dtype=torch.bool)
+            self.layer_agreement = {layer: (int(((g == final) & real).sum()), int(real.sum()))
+                                    for layer, g in guesses.items()}
+        logits = logits[:, -1]
+        scores = self._process(self.length, logits)
+        token, _ = self._pick(scores)
+        self._store(torch.zeros_like(self.length), token[:, None], scores[:, None], logits[:, None])
+        self.pending = token
 
-    def round(self, pending: torch.Tensor, k: int, n: int, stats: SpeculativeStats) -> torch.Tensor:
-        """One draft-verify round from the unprocessed token ``pending`` (B,); returns the emitted tokens (B, a+1)."""
-        p = self.cache.get_seq_length()  # positions processed by every layer
-        start = self.last_position  # position id of `pending`
-        # the verify pass's block arguments (queries p..p+n, kv length p+n+1), captured while every layer has length p
-        verify = self._state(pending[:, None].expand(-1, n + 1), start, p + n + 1,
-                             embeds=self.fast is not False)
-        # rows i, columns :p+i+1 of the verify mask serve draft step i; without padding a one-token step needs no
-        # mask (generate passes none either)
-        mask = self._find_mask(verify, n + 1, p + n + 1) if self.mask is not None else None
-        hidden_k, drafts, qs = [], [], []
+    def _store(self, accepted: torch.Tensor, emitted: torch.Tensor, scores: torch.Tensor, logits: torch.Tensor) -> None:
+        """Append row b's ``accepted[b] + 1`` tokens ``emitted[b, :accepted[b] + 1]`` to its buffer (active rows)."""
+        active = ~self.compute_done
+        counts = torch.where(active, accepted + 1, torch.zeros_like(accepted))
+        width = emitted.shape[1]
+        offsets = torch.arange(width, device=self.device)
+        keep = offsets[None, :] < counts[:, None]  # (B, width)
+        rows, cols = keep.nonzero(as_tuple=True)
+        self.tokens[rows, self.length[rows] + cols] = emitted[rows, cols]
+        produced = self.length - self.prompt_length
+        if self.score_buffer is not None:
+            self.score_buffer[rows, produced[rows] + cols] = scores[rows, cols]
+        if self.logit_buffer is not None:
+            self.logit_buffer[rows, produced[rows] + cols] = logits[rows, cols]
+        if self.eos is not None and self.has_eos_criteria:
+            hit = torch.isin(emitted, self.eos) & keep
+            self.compute_done |= hit.any(-1)
+        self.length = self.length + counts
+        self.position = self.position + counts
+        self.compute_done |= (self.length - self.prompt_length) >= self.max_new
+        self.compute_done |= self.unfinished == 0
+
+    # -- one round -------------------------------------------------------------------------------------
+
+    def round(self, k: int, n: int, stats: SpeculativeStats) -> None:
+        """One draft-verify round of n drafts at depth k for every row still computing."""
+        m = n + 1
+        batch = self.tokens.shape[0]
+        active = ~self.compute_done
+        if self.static and self.slots() + m > self.capacity:
+            self.compact()
+        p = self.slots()
+        offsets = torch.arange(m, device=self.device)
+        positions = torch.where(active, self.position, torch.zeros_like(self.position))[:, None] + offsets
+        if self.position_limit is not None:
+            positions = positions.clamp(max=self.position_limit - 1)  # rows past their budget: never emitted
+        mask2d = None
+        if self.slot_mask is not None:
+            mask2d = torch.cat([self.slot_mask, self.slot_mask.new_ones(batch, m)], dim=1)
+        pending = self.pending
+        # the verify pass's block arguments (queries p..p+n), captured while every layer has p slots
+        verify = self._state(pending[:, None].expand(-1, m), positions, mask2d, embeds=self.fast is not False)
+        mask4 = self._find_mask(verify, m) if mask2d is not None else None
+        hidden_k, drafts, qs, draft_logits = [], [], [], []
         token = pending
-        for i in range(n + 1):  # i < n: draft steps; i == n: blocks 1..k for the last draft token
-            step_mask = None if mask is None else mask[:, :, i: i + 1, : p + i + 1]
+        for i in range(m):  # i < n: draft steps; i == n: blocks 1..k for the last draft token
+            step_mask = None
+            if mask4 is not None:
+                step_mask = mask4[:, :, i: i + 1, : p + i + 1] if mask4.shape[-1] == p + m else mask4[:, :, i: i + 1]
+            step_mask2d = None if mask2d is None else mask2d[:, : p + i + 1]
             state = None
             if self.fast is not False:
                 state = self._fast_state(verify, token, i, n, step_mask)
                 if self.fast is None:  # first use: must equal the model's own preamble exactly, else never again
-                    own = self._state(token[:, None], start + i, p + i + 1, step_mask)
+                    own = self._state(token[:, None], positions[:, i: i + 1], step_mask2d, step_mask)
                     self.fast = _same_state(state, own)
                     state = own
-            if state is None or self.fast is False:
-                state = self._state(token[:, None], start + i, p + i + 1, step_mask)
+            if state is None:
+                state = self._state(token[:, None], positions[:, i: i + 1], step_mask2d, step_mask)
             state = self._run(state, k)
             hidden_k.append(state.hidden)
             if i == n:
                 break
-            token, q = self._pick(self.view.head(state.hidden, _EMPTY_CONTEXT)[:, -1])
+            logits = self._head(state.hidden)[:, -1]
+            scores = self._process(self.length + i, logits)
+            token, q = self._pick(scores)
+            self.tokens[self.rows, self.length + i] = torch.where(active, token, self.tokens[self.rows, self.length + i])
             drafts.append(token)
             qs.append(q)
-        draft = torch.stack(drafts, dim=1) if drafts else pending.new_zeros(pending.shape[0], 0)
+            draft_logits.append(logits)
+        draft = torch.stack(drafts, dim=1) if drafts else pending.new_zeros(batch, 0)
         state = self._run(replace(verify, hidden=torch.cat(hidden_k, dim=1), depth=k), self.num_layers)
-        logits = self.view.head(state.hidden, _EMPTY_CONTEXT)  # (B, n+1, V)
-        active = self.unfinished
+        logits = self._head(state.hidden)  # (B, n+1, V)
+        scores = torch.stack([self._process(self.length + j, logits[:, j]) for j in range(m)], dim=1)
         if not self.do_sample:
-            target = logits.float().argmax(-1)  # (B, n+1)
+            target = scores.argmax(-1)  # (B, n+1)
             row_accepted = (draft == target[:, :n]).to(torch.long).cumprod(-1).sum(-1)
-            a = int(row_accepted[active].min()) if bool(active.any()) else n
-            emitted = target[:, : a + 1]
+            correction = target[self.rows, row_accepted]
+        elif n:
+            probs = torch.softmax(scores, dim=-1)
+            row_accepted, correction = speculative_sample(probs, torch.stack(qs, dim=1), draft, self.generator)
         else:
-            probs = self.probs(logits)
-            row_accepted, correction = speculative_sample(probs, torch.stack(qs, dim=1), draft, self.generator) \
-                if n else (torch.zeros_like(pending), torch.multinomial(probs[:, 0], 1, generator=self.generator)[:, 0])
-            a = int(row_accepted[active].min()) if bool(active.any()) else n
-            last = torch.where(row_accepted > a, draft[:, a] if a < n else correction, correction)
-            emitted = torch.cat([draft[:, :a], last[:, None]], dim=1)
+            row_accepted = torch.zeros_like(pending)
+            correction = torch.multinomial(torch.softmax(scores[:, 0], -1), 1, generator=self.generator)[:, 0]
+        if self.ragged or not bool(active.any()):
+            accepted = row_accepted
+        else:  # lock step: every row keeps the smallest accepted count; a row that accepted more emits its next
+            a = int(row_accepted[active].min())  # draft token (an exact sample of p as well)
+            accepted = torch.full_like(row_accepted, a)
+            correction = torch.where(row_accepted > a, draft[:, a] if a < n else correction, correction)
+        emitted = torch.cat([draft, correction[:, None]], dim=1)
+        emitted[self.rows, accepted] = correction
         stats.rounds += 1
         stats.drafted += n * int(active.sum())
         stats.accepted += int(row_accepted[active].sum())
-        self.cache.crop(-(n - a))  # keep x_p, d_1..d_a: length p + a + 1
-        return emitted
+        stats.rejections += int((row_accepted[active] < n).sum())
+        keep = int(accepted[active].max()) if bool(active.any()) else 0
+        self.cache.crop(-(n - keep))  # keep slots p .. p + keep (the longest accepted prefix + its last token)
+        kept = offsets[: keep + 1][None, :] <= accepted[:, None]
+        kept &= active[:, None]
+        if self.slot_mask is not None or not bool(kept.all()):
+            if self.slot_mask is None:
+                self.slot_mask = torch.ones(batch, p, dtype=torch.long, device=self.device)
+            self.slot_mask = torch.cat([self.slot_mask, kept.to(torch.long)], dim=1)
+        self._store(accepted, emitted, scores, logits)
+        self.pending = torch.where(active, emitted[self.rows, accepted], pending)
+        if not self.static and self.slot_mask is not None:
+            holes = int((self.slot_mask == 0).sum(-1).min())
+            if holes >= max(16, self.slot_mask.shape[1] // 4):
+                self.compact()
 
-    def append(self, emitted: torch.Tensor, budget: int) -> bool:
-        """Append emitted tokens one position at a time with generate's EOS/pad rule; True when decoding is done."""
-        for j in range(min(emitted.shape[1], budget)):
-            token = emitted[:, j]
-            if self.eos.numel():
-                token = torch.where(self.unfinished, token, torch.full_like(token, self.pad))
-            self.sequences = torch.cat([self.sequences, token[:, None]], dim=1)
-            if self.mask is not None:
-                self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=1)
-            self.last_position = self.last_position + 1
-            if self.eos.numel():
-                self.unfinished = self.unfinished & ~torch.isin(token, self.eos)
-                if not bool(self.unfinished.any()):
-                    return True
+    def compact(self) -> None:
+        """Squeeze every row's masked slots out of the cache: each row's real slots move to the right end, in order,
+        left-padded (keys keep the rotation of their own position ids, so attention is unchanged)."""
+        if self.slot_mask is None:
+            return
+        mask = self.slot_mask.bool()
+        real = mask.sum(-1)
+        width = int(real.max())
+        # stable sort: padding first, then the real slots in their order
+        order = torch.sort(mask.to(torch.int8), dim=-1, stable=True).indices[:, -width:]
+        for layer in self.cache.layers:
+            if not getattr(layer, "is_initialized", False):
+                continue
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[-1])
+            keys = layer.keys.gather(2, index)
+            values = layer.values.gather(2, order[:, None, :, None].expand(-1, layer.values.shape[1], -1,
+                                                                           layer.values.shape[-1]))
+            if isinstance(layer.cumulative_length if hasattr(layer, "cumulative_length") else None, torch.Tensor):
+                layer.keys[:, :, :width].copy_(keys)
+                layer.values[:, :, :width].copy_(values)
+                layer.cumulative_length.fill_(width)
+            else:
+                layer.keys, layer.values = keys, values
+        self.slot_mask = mask.gather(1, order).to(torch.long)
+        if bool((self.slot_mask == 1).all()):
+            self.slot_mask = None
+
+    # -- emission --------------------------------------------------------------------------------------
+
+    def emit(self) -> bool:
+        """Hand every position all unfinished rows have computed to generate's machinery; True when done."""
+        emitted = self.out.shape[1] - self.prompt_length
+        produced = self.length - self.prompt_length
+        live = self.unfinished.bool()
+        ready = int(produced[live].min()) if bool(live.any()) else emitted
+        for column in range(emitted, ready):
+            next_tokens = self.tokens[:, self.prompt_length + column]
+            if self.has_eos_criteria and self.pad is not None:
+                next_tokens = next_tokens * self.unfinished + self.pad * (1 - self.unfinished)
+            self.out = torch.cat([self.out, next_tokens[:, None]], dim=-1)
+            if self.scores is not None:
+                self.scores += (self.score_buffer[:, column].clone(),)
+            if self.raw_logits is not None:
+                self.raw_logits += (self.logit_buffer[:, column].clone(),)
+            self.unfinished = self.unfinished & ~self.stopping(self.out, self.scores)
+            if self.streamer is not None:
+                self.streamer.put(next_tokens.cpu())
+            if int(self.unfinished.max()) == 0:
+                return True
+        self.compute_done |= self.unfinished == 0
         return False
 
 
@@ -546,8 +596,162 @@ def _same_value(a: Any, b: Any) -> bool:
 
 def _same_state(a, b) -> bool:
     """Two block-input states are the same: hidden and every argument equal bit for bit (the cache is one object)."""
-    return _same_value(a.hidden, b.hidden) and _same_value(a.block_args, b.block_args) and _same_value(
-        a.block_kwargs, b.block_kwargs)
+    return _same_value(a.hidden, b.hidden) and _same_value(a.arguments(), b.arguments())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The custom_generate callable
+# ----------------------------------------------------------------------------------------------------------
+
+# generation-config attributes a saved aligned LM carries (its calibrated defaults; plain generate ignores them)
+EXIT_LAYER_KEY = "self_speculative_exit_layer"
+NUM_DRAFT_KEY = "self_speculative_num_draft_tokens"
+DEFAULT_NUM_DRAFT_TOKENS = 4
+
+
+def _check_schedule(exit_layer: Any, num_draft_tokens: Any, num_layers: int) -> None:
+    if isinstance(exit_layer, bool) or not (isinstance(exit_layer, int) or exit_layer == "auto"):
+        raise TypeError(f"exit_layer must be an integer in [1, {num_layers - 1}] or 'auto', got {exit_layer!r}")
+    if isinstance(exit_layer, int) and not 1 <= exit_layer <= num_layers - 1:
+        raise ValueError(
+            f"exit_layer must be in [1, {num_layers - 1}] (the draft uses blocks 1..exit_layer of the model's "
+            f"{num_layers}), got {exit_layer}"
+        )
+    if num_draft_tokens != "auto" and (isinstance(num_draft_tokens, bool) or not isinstance(num_draft_tokens, int)
+                                       or num_draft_tokens < 1):
+        raise ValueError(f"num_draft_tokens must be a positive integer or 'auto', got {num_draft_tokens!r}")
+
+
+def _sliding_windows(hf_model: nn.Module) -> list[int]:
+    windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=hf_model.config).layers
+               if getattr(layer, "is_sliding", False)]
+    return [w for w in windows if isinstance(w, int)]
+
+
+def self_speculative(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    exit_layer: int | str | None = None,
+    num_draft_tokens: int | str | None = None,
+    generator: torch.Generator | None = None,
+    speculative_stats: SpeculativeStats | None = None,
+    **model_kwargs: Any,
+):
+    """Self-speculative decoding as a ``custom_generate`` callable: ``model.generate(**inputs,
+    custom_generate=hf_align.self_speculative, exit_layer=2, num_draft_tokens=4)``.
+
+    ``generate`` prepares everything as usual (generation config, logits processors and warpers, stopping criteria,
+    special tokens, the attention mask, ``num_return_sequences``, the cache) and calls this with
+    ``GenerationMixin._sample``'s signature. Each round drafts ``n`` tokens with blocks 1..k + the model's own head
+    and verifies them with one pass of blocks k+1..L over the n+1 positions, reusing the drafts' keys/values of
+    blocks 1..k (module docstring). Every logits processor runs at every verified position on that position's own
+    prefix, so the output is ``_sample``'s: token for token greedy (up to float accumulation order), and in
+    distribution when sampling (Leviathan et al. 2023: accept a draft x with probability min(1, p(x)/q(x)), else
+    sample norm(max(0, p - q)); p and q are the processed distributions of the full model and of the draft).
+    Stopping criteria (EOS, ``max_length``, ``stop_strings``, ``max_time``, user criteria) and the streamer see one
+    position at a time for the whole batch, as in ``_sample``.
+
+    Its own options (``generate`` passes them through):
+        exit_layer: k in [1, L-1], or ``"auto"`` (chosen from teacher-forced agreement on the prompt and then from
+            the acceptance measured in the call; :mod:`hf_align.generation.auto_exit`). Default: the model's
+            ``generation_config.self_speculative_exit_layer`` (written by hf-align when it saves an aligned LM),
+            else ``"auto"``.
+        num_draft_tokens: n, or ``"auto"``; default ``generation_config.self_speculative_num_draft_tokens``, else 4
+            (``"auto"`` when exit_layer is ``"auto"``).
+        generator: a ``torch.Generator`` for every random draw of the sampling path.
+        speculative_stats: a :class:`SpeculativeStats` to fill (``return_dict_in_generate=True`` also returns it as
+            ``output.stats``).
+
+    Batches: each row keeps its own accepted count when every processor is row-local (transformers' own
+    processors and warpers); with a processor hf-align does not know, rows advance together by the smallest
+    count, so the processor is always called on the whole batch at one length, as ``_sample`` calls it.
+    Sliding-window models also advance together (the window counts cache slots).
+    """
+    hf_model = check_decoder(model)
+    config = generation_config
+    check_generation(hf_model, config, model_kwargs, logits_processor, synced_gpus=synced_gpus)
+    check_input_ids(input_ids)
+    num_layers = int(hf_model.config.num_hidden_layers)
+    if exit_layer is None:
+        exit_layer = getattr(config, EXIT_LAYER_KEY, None) or "auto"
+    if num_draft_tokens is None:
+        num_draft_tokens = getattr(config, NUM_DRAFT_KEY, None) or ("auto" if exit_layer == "auto"
+                                                                    else DEFAULT_NUM_DRAFT_TOKENS)
+    _check_schedule(exit_layer, num_draft_tokens, num_layers)
+    attention_mask = model_kwargs.get("attention_mask")
+    check_attention_mask(input_ids, attention_mask)
+    prompt = input_ids.shape[1]
+    max_new = int(config.max_length) - prompt
+    if max_new < 1:
+        raise ValueError(f"nothing to generate: the prompt has {prompt} tokens and max_length is {config.max_length}; "
+                         "pass max_new_tokens")
+    max_draft = num_draft_tokens if isinstance(num_draft_tokens, int) else max(AUTO_DRAFT_COUNTS)
+    windows = _sliding_windows(hf_model)
+    ragged = _row_local(logits_processor) and not windows
+    if windows and prompt + max_new > min(windows):
+        raise ValueError(
+            f"{type(hf_model).__name__} uses sliding-window attention (window {min(windows)} tokens) and prompt + "
+            f"max_new_tokens = {prompt + max_new} exceeds it; hf-align decoding supports sliding-window models only "
+            "within the window"
+        )
+    view = layer_view(model)
+    stats = speculative_stats if speculative_stats is not None else SpeculativeStats(
+        exit_layer=exit_layer if isinstance(exit_layer, int) else 0,
+        num_draft_tokens=num_draft_tokens if isinstance(num_draft_tokens, int) else 0, num_layers=num_layers)
+    stats.num_layers = num_layers
+    stats.batch_size = input_ids.shape[0]
+    cache = model_kwargs.get("cache")
+    if isinstance(cache, StaticCache) or config.cache_implementation == "static":
+        # room for the drafts of the last round and for rejected slots between compactions
+        cache = StaticCache(config=hf_model.config, max_cache_len=int(config.max_length) + 2 * (max_draft + 1) + 8)
+    else:
+        cache = DynamicCache(config=hf_model.config)
+    device = next(hf_model.parameters()).device
+    with torch.no_grad(), preserved_state(model):
+        hf_model.eval() if not hf_model.training else None
+        start_time = time.perf_counter()
+        decoder = _Decoder(view, config, logits_processor, stopping_criteria, streamer, input_ids.to(device),
+                           attention_mask.to(device) if attention_mask is not None else None,
+                           model_kwargs.get("position_ids"), cache, generator, max_draft, ragged, count_blocks=True)
+        chooser = None
+        if exit_layer == "auto" or num_draft_tokens == "auto":
+            chooser = ExitChooser(view, fixed_exit_layer=None if exit_layer == "auto" else exit_layer,
+                                  fixed_num_draft=None if num_draft_tokens == "auto" else num_draft_tokens)
+        decoder.prefill(agreement_positions=chooser.prompt_positions if chooser is not None else 0)
+        done = decoder.emit()
+        if chooser is not None and not done:
+            chooser.calibrate(decoder)
+        while not done:
+            k, n = chooser.choice() if chooser is not None else (exit_layer, num_draft_tokens)
+            remaining = decoder.max_new - (decoder.length - decoder.prompt_length)[~decoder.compute_done]
+            if remaining.numel() == 0:  # nothing to compute, yet some row is unfinished: cannot happen with
+                break  # generate's criteria (max_length always stops); guard against custom lists without it
+            n = max(0, min(n, int(remaining.max()) - 1))
+            before = (stats.accepted, stats.drafted, stats.rejections)
+            decoder.round(k, n, stats)
+            if chooser is not None:
+                chooser.observe(k, n, stats.accepted - before[0], stats.drafted - before[1],
+                                stats.rejections - before[2])
+            done = decoder.emit()
+        if streamer is not None:
+            streamer.end()
+        stats.seconds = time.perf_counter() - start_time
+    if chooser is not None:
+        stats.exit_layer, stats.num_draft_tokens = chooser.choice()
+        stats.calibration = chooser.report()
+    stats.new_tokens = decoder.out.shape[1] - prompt
+    stats.block_positions = list(decoder.counts)
+    stats.fast_path = decoder.fast
+    stats.ragged = ragged
+    if config.return_dict_in_generate:
+        return SpeculativeDecoderOnlyOutput(sequences=decoder.out, scores=decoder.scores, logits=decoder.raw_logits,
+                                            stats=stats)
+    return decoder.out
 
 
 def speculative_generate(
@@ -555,78 +759,82 @@ def speculative_generate(
     input_ids: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
     *,
-    exit_layer: int | str = "auto",
-    num_draft_tokens: int = 4,
+    exit_layer: int | str | None = None,
+    num_draft_tokens: int | str | None = None,
     generator: torch.Generator | None = None,
     return_stats: bool = False,
     **generate_kwargs: Any,
 ):
-    """Self-speculative decoding: draft ``num_draft_tokens`` with blocks 1..``exit_layer`` + the model's own LM head,
-    verify with one pass of the full model that reuses the draft's KV cache of blocks 1..k (module docstring).
+    """Self-speculative decoding, as a function: ``model.generate(input_ids, attention_mask=...,
+    custom_generate=self_speculative, exit_layer=..., num_draft_tokens=..., **generate_kwargs)``.
+
+    Everything ``generate`` accepts for greedy decoding and sampling is accepted (generation config, logits
+    processors, stopping criteria, ``stop_strings`` with ``tokenizer=``, streamers, ``num_return_sequences``,
+    ``output_scores``, ``cache_implementation="static"``...); see :func:`self_speculative`.
 
     Args:
-        model: a causal LM of a supported family (``hf_align.supported_families()``: GPT-2, Llama, Mistral,
-            Qwen2...), optionally PEFT-wrapped. It is not changed: no hook, cache or config change stays behind.
-        input_ids, attention_mask: the prompt, left-padded for batches (as for ``model.generate``).
-        exit_layer: k in [1, L-1], the depth of the draft; ``"auto"`` picks k by :func:`choose_exit_layer`.
-        num_draft_tokens: n, draft tokens per round.
-        generator: a ``torch.Generator`` for the sampling path (draft samples, acceptance, corrections).
+        model: a causal LM of a supported family (``hf_align.supported_families()``), optionally PEFT-wrapped. It is
+            not changed: no hook, cache or config change stays behind.
+        input_ids, attention_mask: the prompt, left-padded for batches (as for ``model.generate``; without a mask,
+            generate infers it from the pad token).
+        exit_layer, num_draft_tokens, generator: see :func:`self_speculative`.
         return_stats: also return the :class:`SpeculativeStats` (``(output, stats)``).
-        **generate_kwargs: ``model.generate`` settings: max_new_tokens / max_length, do_sample, temperature,
-            top_k, top_p, min_p, eos_token_id, pad_token_id, return_dict_in_generate. Others (beam search,
-            penalties, processors, stopping criteria, scores...) raise ``ValueError`` naming them.
 
     Returns:
-        Like ``model.generate``: the (B, prompt + new) token tensor, or with ``return_dict_in_generate=True`` a
-        :class:`SpeculativeDecoderOnlyOutput` (``sequences`` and ``stats``: drafted/accepted counts, acceptance
-        rate, tokens/s).
+        What ``model.generate`` returns: the (B, prompt + new) token tensor, or with ``return_dict_in_generate=True``
+        a :class:`SpeculativeDecoderOnlyOutput` (``sequences``, ``scores``/``logits`` when asked, and ``stats``).
     """
-    hf_model = _check_model(model)
-    if input_ids is None:
-        raise ValueError("speculative_generate needs input_ids (the prompt); inputs_embeds are not supported")
-    _check_inputs(input_ids, attention_mask)
+    hf_model = check_front(model, input_ids, attention_mask)
     num_layers = int(hf_model.config.num_hidden_layers)
-    _check_schedule(exit_layer, num_draft_tokens, num_layers)
-    config = _generation_config(hf_model, generate_kwargs)
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - input_ids.shape[1]
-    if max_new < 1:
-        raise ValueError(
-            f"nothing to generate: the prompt has {input_ids.shape[1]} tokens and max_length is {config.max_length}; "
-            "pass max_new_tokens"
-        )
-    _check_window(hf_model, input_ids.shape[1] + max_new)
-    device = next(hf_model.parameters()).device
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device) if attention_mask is not None else None
-
-    view = _layer_view(model)
-    calibration = None
-    if exit_layer == "auto":
-        from .auto_exit import choose_exit_layer  # (auto_exit builds on this module's decoder)
-
-        exit_layer, calibration = choose_exit_layer(model, input_ids, attention_mask,
-                                                    num_draft_tokens=num_draft_tokens)
-    stats = SpeculativeStats(exit_layer=exit_layer, num_draft_tokens=num_draft_tokens, num_layers=num_layers,
-                             batch_size=input_ids.shape[0], calibration=calibration)
-    with torch.no_grad(), preserved_state(model):
-        start_time = time.perf_counter()
-        decoder = _Decoder(view, config, input_ids, attention_mask, generator, count_blocks=True)
-        pending = decoder.prefill()
-        done = decoder.append(pending[:, None], max_new)
-        generated = 1
-        while not done and generated < max_new:
-            n = min(num_draft_tokens, max_new - generated - 1)
-            emitted = decoder.round(pending, exit_layer, n, stats)
-            done = decoder.append(emitted, max_new - generated)
-            generated += emitted.shape[1]
-            pending = emitted[:, -1]
-        stats.seconds = time.perf_counter() - start_time
-    stats.new_tokens = decoder.sequences.shape[1] - input_ids.shape[1]
-    stats.block_positions = list(decoder.counts)
-    stats.fast_path = decoder.fast
-    sequences = decoder.sequences
-    if config.return_dict_in_generate:
-        output = SpeculativeDecoderOnlyOutput(sequences=sequences, stats=stats)
-    else:
-        output = sequences
+    _check_schedule("auto" if exit_layer is None else exit_layer,
+                    "auto" if num_draft_tokens is None else num_draft_tokens, num_layers)
+    stats = SpeculativeStats(exit_layer=exit_layer if isinstance(exit_layer, int) else 0,
+                             num_draft_tokens=num_draft_tokens if isinstance(num_draft_tokens, int) else 0,
+                             num_layers=num_layers)
+    if attention_mask is not None:
+        generate_kwargs["attention_mask"] = attention_mask
+    output = model.generate(input_ids=input_ids, custom_generate=self_speculative, exit_layer=exit_layer,
+                            num_draft_tokens=num_draft_tokens, generator=generator, speculative_stats=stats,
+                            **generate_kwargs)
     return (output, stats) if return_stats else output
+
+
+def choose_exit_layer(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    num_draft_tokens: int | str = "auto",
+    candidates: list[int] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """The (k, n) the automatic choice starts a call with on these prompts, without decoding.
+
+    Runs the prefill (all blocks over the prompts, counting per-block agreement of the shared head with the final
+    argmax on the prompt's own positions) and the cost measurement of :class:`ExitChooser`. Returns
+    ``(k, report)``; ``report["num_draft_tokens"]`` is n, ``report["prompt_agreement"][l]`` the teacher-forced
+    agreement of block l, ``report["predicted_speedup"]`` the prediction per ``"k,n"``.
+    """
+    hf_model = check_decoder(model)
+    check_input_ids(input_ids)
+    check_attention_mask(input_ids, attention_mask)
+    view = layer_view(model)
+    config = hf_model.generation_config.__class__.from_dict(hf_model.generation_config.to_dict())
+    config.max_length = input_ids.shape[1] + 1
+    config.do_sample = False
+    fixed = None if num_draft_tokens == "auto" else int(num_draft_tokens)
+    chooser = ExitChooser(view, fixed_num_draft=fixed, candidates=candidates)
+    with torch.no_grad(), preserved_state(model):
+        decoder = _Decoder(view, config, [], [], None, input_ids, attention_mask, None,
+                           DynamicCache(config=hf_model.config), None, max(chooser.draft_counts), True, False)
+        decoder.prefill(agreement_positions=ExitChooser.prompt_positions)
+        chooser.calibrate(decoder)
+    k, n = chooser.choice()
+    report = chooser.report()
+    if chooser.predicted_speedup(k, n) < 1.0:
+        warnings.warn(
+            f"choose_exit_layer: no draft depth is predicted faster than plain generate on these prompts (best k={k}, "
+            f"n={n}: {chooser.predicted_speedup(k, n):.2f}x, prompt agreement {chooser.prior[k]:.2f}); the model's "
+            "early layers rarely agree with its last (train it with the aligned loss, hf_align.AlignedTrainer)",
+            stacklevel=2,
+        )
+    return k, report
