@@ -6,7 +6,7 @@ load. Reported: the time of the import statement inside the process (``time.perf
 the whole process (interpreter start included). Extra rows: the registration's cost where it is paid, on the first
 ``from transformers import pipeline`` after ``import hf_align``, against the same import without hf-align.
 
-    python benchmarks/import_time.py --repeats 5
+    python benchmarks/import_time.py --repeats 5 [--before <checkout of an earlier hf-align>]
 
 (with hf-align installed, or ``PYTHONPATH=<checkout>``; ``hf-align --version`` is the installed script when it is
 on PATH, else ``python -m hf_align.cli --version``).
@@ -35,11 +35,11 @@ CASES = {
 }
 
 
-def run_case(statement: str) -> tuple[float, float]:
+def run_case(statement: str, pythonpath: str | None = None) -> tuple[float, float]:
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return float(out.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
@@ -59,15 +59,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(RESULTS, "import_time"))
+    parser.add_argument("--before", default=None, help="a checkout of an earlier hf-align: its `import hf_align` is "
+                        "timed in the same rounds (PYTHONPATH=<before>)")
     args = parser.parse_args()
-    for statement in CASES.values():  # warm the file-system cache once (not measured)
-        run_case(statement)
+    if args.before:
+        CASES["import hf_align (--before checkout)"] = "import hf_align"
+    for name, statement in CASES.items():  # warm the file-system cache once (not measured)
+        run_case(statement, args.before if name.endswith("(--before checkout)") else None)
     inside = {name: [] for name in CASES}
     wall = {name: [] for name in CASES}
     version = []
     for _ in range(args.repeats):
         for name, statement in CASES.items():
-            t_in, t_wall = run_case(statement)
+            t_in, t_wall = run_case(statement, args.before if name.endswith("(--before checkout)") else None)
             inside[name].append(t_in)
             wall[name].append(t_wall)
         version.append(run_version())
