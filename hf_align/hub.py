@@ -417,6 +417,14 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
     lines += [""] + usage_snippet(layer_view.task, repo if repo is not None else os.fspath(output_dir),
                                   folder=output_dir, peft=peft,
                                   threshold=None if layer_view.task == "causal-lm" else 0.9)
+    if layer_view.task == "causal-lm" and not peft and os.path.isdir(os.path.join(output_dir, "custom_generate")):
+        from .generation.speculative import EXIT_LAYER_KEY, NUM_DRAFT_KEY
+
+        generation = getattr(model, "generation_config", None)
+        lines += custom_generate_card_lines(repo if repo is not None else os.fspath(output_dir),
+                                            getattr(generation, EXIT_LAYER_KEY, None),
+                                            getattr(generation, NUM_DRAFT_KEY, None))
+        data.tags = list(dict.fromkeys([*(data.tags or []), "custom_generate"]))
     return write_card(output_dir, data, f"{type(model).__name__} trained with aligned loss", lines, force=force)
 
 
@@ -494,3 +502,96 @@ def super_resolution_card(folder, pipe, metadata=None, repo: str | None = None, 
               f"print(high.size if hasattr(high, 'size') else high.shape)  # x{scale}", "```", "",
               f"The output side must be a multiple of {multiple} (the UNet's down-sampling)."]
     return write_card(folder, data, f"x{scale} diffusion super-resolution", lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# custom_generate/: aligned causal LMs that decode self-speculatively straight from the Hub
+# ----------------------------------------------------------------------------------------------------------
+
+CUSTOM_GENERATE_PY = '''"""Self-speculative decoding for this aligned causal LM, by hf-align (https://pypi.org/project/hf-align/).
+
+transformers loads this file only with ``trust_remote_code=True``: then ``model.generate(...)`` drafts with the first
+blocks of the model through its own LM head and verifies with all of them, so the output is what plain ``generate``
+would give (greedy: token for token; sampling: in distribution), faster. It takes every ``generate`` argument, plus
+``exit_layer`` and ``num_draft_tokens`` (defaults: this repo's generation_config.json, else chosen in the call).
+"""
+
+
+
+def generate(model, *args, **kwargs):
+    try:
+        from hf_align.generation.speculative import generate_self_speculative
+    except ImportError as error:  # requirements.txt names it; transformers checks it before loading this file
+        raise ImportError("this model's custom_generate needs hf-align: pip install hf-align") from error
+    return generate_self_speculative(model, *args, **kwargs)
+'''
+
+CUSTOM_GENERATE_REQUIREMENTS = "hf-align>=0.1.0\n"
+
+
+def write_custom_generate(folder: str | os.PathLike, exit_layer: int | None = None,
+                          num_draft_tokens: int | None = None) -> str:
+    """Write transformers' ``custom_generate/`` folder (``generate.py`` calling hf-align, ``requirements.txt``) into
+    a saved causal LM's folder, and its decoding defaults into the folder's ``generation_config.json``.
+
+    ``AutoModelForCausalLM.from_pretrained(folder_or_id, trust_remote_code=True)`` then replaces ``generate`` by
+    self-speculative decoding (transformers' own mechanism); ``model.generate(..., custom_generate=folder_or_id,
+    trust_remote_code=True)`` uses it on any copy of the model; without ``trust_remote_code`` the folder is a plain
+    model. ``exit_layer`` / ``num_draft_tokens`` (the calibrated defaults) go into ``generation_config.json`` as
+    ``self_speculative_exit_layer`` / ``self_speculative_num_draft_tokens`` (plain ``generate`` ignores them);
+    None leaves the choice to the call (``"auto"``). The live model and its generation config are not touched.
+    Returns the path of the ``custom_generate`` folder."""
+    from .generation.speculative import EXIT_LAYER_KEY, NUM_DRAFT_KEY
+
+    target = os.path.join(os.fspath(folder), "custom_generate")
+    os.makedirs(target, exist_ok=True)
+    with open(os.path.join(target, "generate.py"), "w") as f:
+        f.write(CUSTOM_GENERATE_PY)
+    with open(os.path.join(target, "requirements.txt"), "w") as f:
+        f.write(CUSTOM_GENERATE_REQUIREMENTS)
+    path = os.path.join(os.fspath(folder), "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+        for key, value in ((EXIT_LAYER_KEY, exit_layer), (NUM_DRAFT_KEY, num_draft_tokens)):
+            if value is None:
+                data.pop(key, None)
+            else:
+                data[key] = int(value)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    return target
+
+
+def custom_generate_card_lines(repo: str, exit_layer: int | None, num_draft_tokens: int | None) -> list[str]:
+    """The README sections transformers documents for a repo with ``custom_generate/`` (base model, compatibility,
+    additional arguments, output type, example usage)."""
+    k = f"`{exit_layer}`" if exit_layer is not None else "chosen in each call (`\"auto\"`)"
+    n = f"`{num_draft_tokens}`" if num_draft_tokens is not None else "chosen in each call (`\"auto\"`)"
+    return [
+        "## Faster decoding with no new code (`custom_generate`)", "",
+        "This repo carries transformers' `custom_generate/` folder: with `trust_remote_code=True`, `generate` "
+        "decodes self-speculatively (the first blocks draft through the model's own LM head, all blocks verify; "
+        "greedy output is plain `generate`'s token for token, sampling keeps its distribution). Without "
+        "`trust_remote_code` this is a plain transformers model.", "",
+        "### Base model", "", "This model itself (the `custom_generate` function decodes with its own layers).", "",
+        "### Model compatibility", "",
+        "Decoder-only causal LMs of the families hf-align supports (`hf_align.supported_families()`); needs "
+        "`pip install hf-align` (`custom_generate/requirements.txt`).", "",
+        "### Additional Arguments", "",
+        f"- `exit_layer` (int or `\"auto\"`): the draft depth; this repo's default: {k}.",
+        f"- `num_draft_tokens` (int or `\"auto\"`): drafts per round; this repo's default: {n}.",
+        "- `generator` (`torch.Generator`): the random source of the sampling path.", "",
+        "### Output Type changes", "",
+        "None: what `generate` returns; with `return_dict_in_generate=True` the output also has `stats` "
+        "(rounds, acceptance, tokens/s).", "",
+        "### Example usage", "", "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        f"model = AutoModelForCausalLM.from_pretrained({_q(repo)}, trust_remote_code=True)",
+        f"tokenizer = AutoTokenizer.from_pretrained({_q(repo)})",
+        "inputs = tokenizer(\"The layers of a transformer\", return_tensors=\"pt\")",
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=10, do_sample=False)[0]))", "```", "",
+    ]

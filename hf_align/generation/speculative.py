@@ -33,6 +33,7 @@ scores one position at a time for the whole batch, as in ``_sample``.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -43,10 +44,10 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation.logits_process import LogitsProcessorList
-from transformers.generation.stopping_criteria import StoppingCriteriaList
+from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..layers import LayerView, preserved_state
+from ..layers import LayerView, preserved_state, unwrap_model
 from .auto_exit import AUTO_DRAFT_COUNTS, ExitChooser
 from .front_door import (
     EMPTY_CONTEXT,
@@ -65,6 +66,7 @@ __all__ = [
     "speculative_generate",
     "speculative_sample",
     "choose_exit_layer",
+    "generate_self_speculative",
     "self_speculative",
 ]
 
@@ -438,7 +440,13 @@ class _Decoder:
         self.length = self.length + counts
         self.position = self.position + counts
         self.compute_done |= (self.length - self.prompt_length) >= self.max_new
-        self.compute_done |= self.unfinished == 0
+        self._finished_need_nothing()
+
+    def _finished_need_nothing(self) -> None:
+        """A finished row needs no more compute when generate pads it (there is an EOS criterion); without one,
+        ``_sample`` keeps emitting the model's own tokens for it, so it keeps computing."""
+        if self.has_eos_criteria:
+            self.compute_done |= self.unfinished == 0
 
     # -- one round -------------------------------------------------------------------------------------
 
@@ -562,7 +570,7 @@ class _Decoder:
         """Hand every position all unfinished rows have computed to generate's machinery; True when done."""
         emitted = self.out.shape[1] - self.prompt_length
         produced = self.length - self.prompt_length
-        live = self.unfinished.bool()
+        live = self.unfinished.bool() if self.has_eos_criteria else torch.ones_like(self.compute_done)
         ready = int(produced[live].min()) if bool(live.any()) else emitted
         for column in range(emitted, ready):
             next_tokens = self.tokens[:, self.prompt_length + column]
@@ -578,7 +586,7 @@ class _Decoder:
                 self.streamer.put(next_tokens.cpu())
             if int(self.unfinished.max()) == 0:
                 return True
-        self.compute_done |= self.unfinished == 0
+        self._finished_need_nothing()
         return False
 
 
@@ -754,6 +762,47 @@ def self_speculative(
     return decoder.out
 
 
+def _route_extras(kwargs: dict[str, Any], generation_config: GenerationConfig | None):
+    """transformers 5's ``generate`` does not hand ``streamer`` and ``tokenizer`` to a ``custom_generate`` callable
+    (its ``_extract_generation_mode_kwargs`` keeps only the callable's own parameters), so the streamer would get
+    the prompt only and ``stop_strings`` would find no tokenizer. Route them: the streamer is bound to the callable
+    (generate still puts the prompt), and ``stop_strings`` become a ``StopStringCriteria`` in ``stopping_criteria``."""
+    decoding = self_speculative
+    streamer = kwargs.get("streamer")
+    if streamer is not None:
+        decoding = functools.partial(self_speculative, streamer=streamer)
+    stop_strings = kwargs.pop("stop_strings", None)
+    if stop_strings is None and generation_config is not None:
+        stop_strings = generation_config.stop_strings
+        if stop_strings is not None:
+            generation_config = copy.deepcopy(generation_config)
+            generation_config.stop_strings = None
+    if stop_strings is not None:
+        tokenizer = kwargs.get("tokenizer")
+        if tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer: pass tokenizer= as for generate")
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+        kwargs["stopping_criteria"] = criteria
+    if generation_config is not None:
+        kwargs["generation_config"] = generation_config
+    return decoding, kwargs
+
+
+def generate_self_speculative(model: nn.Module, *args: Any, **kwargs: Any):
+    """``GenerationMixin.generate(model, *args, custom_generate=self_speculative, **kwargs)``, with streamers and
+    ``stop_strings`` routed to the decoder (see :func:`_route_extras`). What ``speculative_generate`` and the
+    ``custom_generate/generate.py`` of a saved aligned LM call."""
+    from transformers import GenerationMixin
+
+    kwargs.pop("custom_generate", None)
+    kwargs.pop("trust_remote_code", None)
+    if len(args) > 1:  # generate(inputs, generation_config, ...): name the generation config
+        args, kwargs["generation_config"] = args[:1], args[1]
+    decoding, kwargs = _route_extras(kwargs, kwargs.pop("generation_config", None))
+    return GenerationMixin.generate(unwrap_model(model), *args, custom_generate=decoding, **kwargs)
+
+
 def speculative_generate(
     model: nn.Module,
     input_ids: torch.Tensor | None = None,
@@ -793,9 +842,9 @@ def speculative_generate(
                              num_layers=num_layers)
     if attention_mask is not None:
         generate_kwargs["attention_mask"] = attention_mask
-    output = model.generate(input_ids=input_ids, custom_generate=self_speculative, exit_layer=exit_layer,
-                            num_draft_tokens=num_draft_tokens, generator=generator, speculative_stats=stats,
-                            **generate_kwargs)
+    output = generate_self_speculative(model, input_ids=input_ids, exit_layer=exit_layer,
+                                       num_draft_tokens=num_draft_tokens, generator=generator,
+                                       speculative_stats=stats, **generate_kwargs)
     return (output, stats) if return_stats else output
 
 

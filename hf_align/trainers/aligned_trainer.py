@@ -408,6 +408,11 @@ class AlignedTrainer(Trainer):
         # ours; one that was there before and is not ours is the user's and is kept
         replaceable = not os.path.exists(card) or _is_hf_align_card(card)
         super()._save(output_dir, state_dict)
+        if self.layer_view.task == "causal-lm" and self._peft_base() is None and self.args.should_save:
+            from ..hub import write_custom_generate
+
+            # transformers' custom_generate/: the saved LM decodes self-speculatively with trust_remote_code=True
+            write_custom_generate(output_dir)
         if self.args.write_model_card and self.args.should_save:
             self._write_card(output_dir, force=replaceable)
 
