@@ -22,6 +22,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
@@ -39,7 +40,9 @@ def run_case(statement: str, pythonpath: str | None = None) -> tuple[float, floa
     code = f"import time; t = time.perf_counter(); {statement}; print(time.perf_counter() - t)"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **({"PYTHONPATH": pythonpath} if pythonpath else {})}
     start = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    # cwd outside any checkout: `python -c` puts the working directory first on sys.path
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=tempfile.gettempdir())
     return float(out.stdout.strip().splitlines()[-1]), time.perf_counter() - start
 
 
@@ -51,7 +54,7 @@ def version_command() -> list[str]:
 def run_version() -> float:
     command = version_command()
     start = time.perf_counter()
-    subprocess.run(command, capture_output=True, check=True)
+    subprocess.run(command, capture_output=True, check=True, cwd=tempfile.gettempdir())
     return time.perf_counter() - start
 
 
@@ -75,6 +78,12 @@ def main() -> None:
             inside[name].append(t_in)
             wall[name].append(t_wall)
         version.append(run_version())
+    def where(pythonpath=None):  # which hf_align each case imported
+        env = {**os.environ, **({"PYTHONPATH": pythonpath} if pythonpath else {})}
+        return subprocess.run([sys.executable, "-c", "import os, hf_align; print(os.path.dirname(hf_align.__file__))"],
+                              capture_output=True, text=True, check=True, env=env,
+                              cwd=tempfile.gettempdir()).stdout.strip()
+
     med = {name: statistics.median(v) for name, v in inside.items()}
     med_wall = {name: statistics.median(v) for name, v in wall.items()}
     base = med["import torch, transformers"]
@@ -83,6 +92,8 @@ def main() -> None:
         "repeats": args.repeats,
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "python": platform.python_version(), "load_average_1min": os.getloadavg()[0]},
+        "hf_align_imported_from": where(),
+        "before_imported_from": where(args.before) if args.before else None,
         "median_import_s": med,
         "median_process_wall_s": med_wall,
         "all_import_s": inside,
@@ -109,7 +120,12 @@ def main() -> None:
               f"{'met' if result['targets_met']['hf-align --version < 1 s'] else 'NOT met'}).",
               f"- The registrations are paid where they are used: the first `from transformers import pipeline` costs "
               f"{result['registration_cost_on_first_pipeline_import_s']:+.3f} s more after `import hf_align` (the "
-              "early-exit pipeline module and the multi-exit Auto classes are imported then).", ""]
+              "early-exit pipeline module and the multi-exit Auto classes are imported then)."]
+    if args.before:
+        before = med["import hf_align (--before checkout)"]
+        lines.append(f"- Before (`{args.before}`, imported from `{result['before_imported_from']}`): `import hf_align` "
+                     f"{before:.3f} s, {before - base:+.3f} s over `import torch, transformers`.")
+    lines.append("")
     with open(args.out + ".md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
     print("\n".join(lines))
