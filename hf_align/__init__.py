@@ -51,26 +51,29 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), submodules=_SUBP
 # -- registrations (each runs once the module it registers into is imported; at once if it already is) ----------
 
 
-def _register_auto_classes() -> None:  # AutoConfig / AutoModelFor...Classification know the multi-exit model
-    from .modeling.multi_exit import register_auto_classes
+def _call(module: str, function: str) -> None:
+    """``module.function()``; when ``module`` is itself being imported right now (it imported the module that
+    triggered this), it has no ``function`` yet and calls it at its own end instead."""
+    import importlib
 
-    register_auto_classes()
+    target = getattr(importlib.import_module(module, __name__), function, None)
+    if target is not None:
+        target()
+
+
+def _register_auto_classes() -> None:  # AutoConfig / AutoModelFor...Classification know the multi-exit model
+    _call(".modeling.multi_exit", "register_auto_classes")
 
 
 def _register_pipeline() -> None:  # pipeline("early-exit-classification")
-    from .pipelines.early_exit_classification import register_pipeline
-
     _register_auto_classes()  # a multi-exit folder loads through the pipeline too
-    register_pipeline()
+    _call(".pipelines.early_exit_classification", "register_pipeline")
 
 
 def _register_diffusers_pipeline() -> None:  # DiffusionPipeline.from_pretrained(<SR folder or repo id>)
-    from .pipelines.super_resolution import register_diffusers_pipeline
-
-    register_diffusers_pipeline()
+    _call(".pipelines.super_resolution", "register_diffusers_pipeline")
 
 
-# AutoConfig / AutoModel...from_pretrained(<multi-exit folder>) need it before any model module is imported
 when_imported(("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
                "transformers.modeling_utils"), _register_auto_classes)
 when_imported("transformers.pipelines", _register_pipeline)

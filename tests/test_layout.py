@@ -41,6 +41,29 @@ def test_import_is_cheap_and_registers_on_use():
     assert result == {"heavy": [], "task": True, "auto": "MultiExitConfig", "sr": "hf_align.pipelines.super_resolution"}
 
 
+@pytest.mark.parametrize("first", [
+    "from hf_align import *",  # every public name: our own modules import the registration targets
+    "from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline",
+    "from hf_align import SuperResolutionPipeline",
+    "from hf_align import MultiExitModel",
+])
+def test_registers_when_our_own_module_imports_the_target(first):
+    """A module of ours that imports the registration target (transformers.pipelines, diffusers, transformers'
+    Auto classes) is half-imported when the target's hook runs; it registers itself at its end instead."""
+    result = _fresh_process(
+        "import json, warnings\n"
+        "warnings.simplefilter('error', RuntimeWarning)\n"
+        f"{first}\n"
+        "from transformers.pipelines import PIPELINE_REGISTRY\n"
+        "from transformers import AutoConfig\n"
+        "import diffusers\n"
+        "print(json.dumps(dict(task='early-exit-classification' in PIPELINE_REGISTRY.get_supported_tasks(),\n"
+        "                      auto=type(AutoConfig.for_model('hf-align-multi-exit')).__name__,\n"
+        "                      sr=diffusers.SuperResolutionPipeline.__name__)))\n"
+    )
+    assert result == {"task": True, "auto": "MultiExitConfig", "sr": "SuperResolutionPipeline"}
+
+
 def test_registers_at_once_when_the_modules_are_already_imported():
     result = _fresh_process(
         "import json, diffusers\n"

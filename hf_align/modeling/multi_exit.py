@@ -137,3 +137,6 @@ def register_auto_classes() -> None:
             auto.register(MultiExitConfig, MultiExitModel)
         except ValueError:
             pass
+
+
+register_auto_classes()  # importing this module registers it (hf_align/__init__.py also does, when its target is imported)

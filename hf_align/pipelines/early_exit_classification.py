@@ -157,3 +157,6 @@ def register_pipeline() -> None:
             pt_model=(AutoModelForSequenceClassification, AutoModelForImageClassification),
             type="multimodal",
         )
+
+
+register_pipeline()  # importing this module registers it (hf_align/__init__.py also does, when its target is imported)

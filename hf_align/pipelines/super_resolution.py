@@ -296,3 +296,6 @@ def register_diffusers_pipeline() -> None:
 
     if getattr(diffusers, "SuperResolutionPipeline", None) is None:
         diffusers.SuperResolutionPipeline = SuperResolutionPipeline
+
+
+register_diffusers_pipeline()  # importing this module registers it (hf_align/__init__.py also does, when its target is imported)
