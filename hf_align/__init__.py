@@ -12,7 +12,7 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._lazy import lazy_exports  # noqa: E402
-from ._registration import when_imported  # noqa: E402
+from ._registration import AUTO_CLASSES, DIFFUSERS, PIPELINES, when_imported  # noqa: E402
 
 _LAZY = {
     # the layer view and the family registry
@@ -53,7 +53,8 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals(), submodules=_SUBP
 
 def _call(module: str, function: str) -> None:
     """``module.function()``; when ``module`` is itself being imported right now (it imported the module that
-    triggered this), it has no ``function`` yet and calls it at its own end instead."""
+    triggered this), it has no ``function`` yet and registers itself at its own end instead (``when_imported`` at
+    the bottom of the module)."""
     import importlib
 
     target = getattr(importlib.import_module(module, __name__), function, None)
@@ -74,10 +75,9 @@ def _register_diffusers_pipeline() -> None:  # DiffusionPipeline.from_pretrained
     _call(".pipelines.super_resolution", "register_diffusers_pipeline")
 
 
-when_imported(("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
-               "transformers.modeling_utils"), _register_auto_classes)
-when_imported("transformers.pipelines", _register_pipeline)
-when_imported("diffusers", _register_diffusers_pipeline)
+when_imported(AUTO_CLASSES, _register_auto_classes)  # before any model module: AutoConfig.from_pretrained needs it
+when_imported(PIPELINES, _register_pipeline)
+when_imported(DIFFUSERS, _register_diffusers_pipeline)
 
 
 __all__ = [*sorted(_LAZY), "__version__"]

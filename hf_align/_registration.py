@@ -15,6 +15,12 @@ import threading
 import warnings
 from collections.abc import Callable
 
+# the modules hf-align registers into
+AUTO_CLASSES = ("transformers.models.auto.configuration_auto", "transformers.models.auto.modeling_auto",
+                "transformers.modeling_utils")  # the multi-exit config and model (the first of them imported)
+PIPELINES = "transformers.pipelines"  # pipeline("early-exit-classification")
+DIFFUSERS = "diffusers"  # SuperResolutionPipeline in the diffusers namespace
+
 _LOCK = threading.Lock()  # guards _PENDING only
 
 

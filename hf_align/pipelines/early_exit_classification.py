@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
+from .._registration import PIPELINES, when_imported
 from ..hub import REMOTE_CODE_FILE, REMOTE_TASK, remote_pipeline_entry, write_remote_code  # noqa: F401 (re-exported)
 from ..modeling.early_exit import EarlyExitModel
 
@@ -159,4 +160,5 @@ def register_pipeline() -> None:
         )
 
 
-register_pipeline()  # importing this module registers it (hf_align/__init__.py also does, when its target is imported)
+# importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
+when_imported(PIPELINES, register_pipeline)

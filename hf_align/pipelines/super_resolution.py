@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._registration import DIFFUSERS, when_imported
 from ..diffusion.images import bicubic_downsample, bicubic_upsample
 
 logger = logging.get_logger(__name__)
@@ -298,4 +299,5 @@ def register_diffusers_pipeline() -> None:
         diffusers.SuperResolutionPipeline = SuperResolutionPipeline
 
 
-register_diffusers_pipeline()  # importing this module registers it (hf_align/__init__.py also does, when its target is imported)
+# importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
+when_imported(DIFFUSERS, register_diffusers_pipeline)
