@@ -19,13 +19,13 @@ Sections (each a ratio against a baseline measured in the same run, median of in
 from __future__ import annotations
 
 import argparse
-import warnings
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -114,15 +114,15 @@ def decoding(model, tokenizer, texts, cfg, device, log):
                    min_new_tokens=cfg["new_tokens"], pad_token_id=tokenizer.pad_token_id)
         reference = model.generate(**gen)
         methods = {
-            "generate (dynamic)": lambda: model.generate(**gen),
-            "generate (static, compiled on GPU)": lambda: model.generate(**gen, cache_implementation="static"),
-            "speculative (dynamic)": lambda: model.generate(**gen, custom_generate=hf_align.self_speculative,
+            "generate (dynamic)": lambda gen=gen: model.generate(**gen),
+            "generate (static, compiled on GPU)": lambda gen=gen: model.generate(**gen, cache_implementation="static"),
+            "speculative (dynamic)": lambda gen=gen: model.generate(**gen, custom_generate=hf_align.self_speculative,
                                                             exit_layer="auto"),
-            "speculative (static)": lambda: model.generate(**gen, custom_generate=hf_align.self_speculative,
+            "speculative (static)": lambda gen=gen: model.generate(**gen, custom_generate=hf_align.self_speculative,
                                                            exit_layer="auto", cache_implementation="static"),
         }
         if batch == 1:
-            methods["assistant_early_exit"] = lambda: model.generate(**gen, assistant_early_exit=max(1, L // 4))
+            methods["assistant_early_exit"] = lambda gen=gen: model.generate(**gen, assistant_early_exit=max(1, L // 4))
         times = {m: [] for m in methods}
         identical = {m: True for m in methods}
         errors = {}
