@@ -10,6 +10,7 @@ against the model's own outputs.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -24,6 +25,10 @@ __all__ = [
     "LayerFamily",
     "get_family",
     "get_kv_projection",
+    "is_causal_lm_family",
+    "recorded_kv",
+    "router_aux_loss",
+    "support_table",
     "kv_projection_families",
     "register_family",
     "register_kv_projection",
@@ -82,6 +87,13 @@ class LayerFamily:
         final_norm_in_hidden_states: whether the model's own ``output_hidden_states=True`` returns the last
             hidden state *after* that final norm (GPT-2, Llama) or before it (ViT, whose
             ``last_hidden_state`` alone is normed).
+        causal: a decoder-only (left-to-right) family: its causal LMs can be decoded by speculative decoding
+            and per-token exit.
+        flops_counted: ``exit_costs``' analytic FLOP count holds for the family (False for mixture-of-experts
+            blocks, whose expert FLOPs depend on the routing: the table says "not counted").
+        blocks: ``fn(base_model) -> list of modules`` for families whose L block applications are not one
+            ``ModuleList`` (ALBERT shares one layer group across all layers).
+        inferred: for a family built by the structural fallback, what was inferred (``None`` if registered).
     """
 
     name: str
@@ -91,8 +103,17 @@ class LayerFamily:
     block_paths: tuple[str, ...] = ()
     unbatched_kwargs: tuple[str, ...] = ()
     pooling: dict[str, str] = field(default_factory=dict)
-    final_norm: str | None = None
+    final_norm: str | tuple[str, ...] | None = None
     final_norm_in_hidden_states: bool = False
+    causal: bool = False
+    flops_counted: bool = True
+    blocks: Callable[[nn.Module], list[nn.Module]] | None = None
+    inferred: str | None = None
+
+    @property
+    def is_decoder(self) -> bool:
+        """Alias of :attr:`causal` (decoder-only, left to right)."""
+        return self.causal
 
 
 _REGISTRY: dict[str, LayerFamily] = {}
@@ -107,8 +128,11 @@ def register_family(
     block_paths: Sequence[str] = (),
     unbatched_kwargs: Sequence[str] = (),
     pooling: dict[str, str] | None = None,
-    final_norm: str | None = None,
+    final_norm: str | Sequence[str] | None = None,
     final_norm_in_hidden_states: bool = False,
+    causal: bool = False,
+    flops_counted: bool = True,
+    blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
     overwrite: bool = False,
 ) -> LayerFamily:
     """Register a family so that :class:`LayerView` supports it.
@@ -154,8 +178,11 @@ def register_family(
         block_paths=tuple(block_paths),
         unbatched_kwargs=tuple(unbatched_kwargs),
         pooling=dict(pooling or {}),
-        final_norm=final_norm,
+        final_norm=final_norm if final_norm is None or isinstance(final_norm, str) else tuple(final_norm),
         final_norm_in_hidden_states=bool(final_norm_in_hidden_states),
+        causal=bool(causal),
+        flops_counted=bool(flops_counted),
+        blocks=blocks,
     )
     _REGISTRY[name] = family
     return family
@@ -171,6 +198,12 @@ def get_family(model_type: str) -> LayerFamily | None:
         if model_type in family.model_types:
             return family
     return None
+
+
+def is_causal_lm_family(model_type: str) -> bool:
+    """Whether ``config.model_type`` belongs to a registered decoder-only (left-to-right) family."""
+    family = get_family(model_type)
+    return family is not None and family.causal
 
 
 def _supported_text() -> str:
@@ -329,6 +362,7 @@ def _register_builtin_families() -> None:
         pooling={seq: "last", lm: "none"},
         final_norm="ln_f",
         final_norm_in_hidden_states=True,
+        causal=True,
     )
     register_family(
         "llama",
@@ -339,6 +373,180 @@ def _register_builtin_families() -> None:
         pooling={seq: "last", lm: "none"},
         final_norm="norm",
         final_norm_in_hidden_states=True,
+        causal=True,
+    )
+    _register_decoder_families()
+    _register_encoder_and_vision_families()
+
+
+def _final_stage(base: nn.Module, paths: str | Sequence[str] | None, hidden: torch.Tensor) -> torch.Tensor:
+    """Apply the base model's final modules (``paths`` from ``model.base_model``, in order; a path whose module is
+    ``None`` in this configuration, e.g. OPT's ``project_out`` when it has none, is skipped)."""
+    if paths is None:
+        return hidden
+    for path in (paths,) if isinstance(paths, str) else paths:
+        module = base
+        for part in path.split("."):
+            if not hasattr(module, part):
+                raise AttributeError(f"{type(base).__name__} has no module {path!r} (a family's final stage)")
+            module = getattr(module, part)
+            if module is None:
+                break
+        if module is not None:
+            hidden = module(hidden)
+    return hidden
+
+
+# -- logits after the LM head, as each family's *ForCausalLM.forward computes them -----------------------
+
+
+def _soft_cap(model, logits):
+    # Gemma 2 / 3: final-logit soft-capping, cap * tanh(logits / cap)
+    cap = model.config.final_logit_softcapping
+    if cap is not None:
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        logits = logits * cap
+    return logits
+
+
+def _logit_scale(model, logits):
+    # Cohere: logits * logit_scale
+    return logits * model.logit_scale
+
+
+def _logits_scaling(model, logits):
+    # Granite: logits / logits_scaling
+    return logits / model.config.logits_scaling
+
+
+def _lm_head(final: str | Sequence[str], lm_head: str = "lm_head", post: Callable | None = None) -> HeadFn:
+    def head(model, hidden, ctx):
+        logits = model.get_submodule(lm_head)(_final_stage(model.base_model, final, hidden))
+        return logits if post is None else post(model, logits)
+
+    return head
+
+
+def _last_token_head(final: str | Sequence[str], score: str = "score") -> HeadFn:
+    def head(model, hidden, ctx):
+        # final stage -> score at the last non-padding token (per-token final stage: pooling first is the same)
+        pooled = last_non_pad_token(hidden, ctx, _pad_id(model))
+        return model.get_submodule(score)(_final_stage(model.base_model, final, pooled[:, None])[:, 0])
+
+    return head
+
+
+def _register_decoder_families() -> None:
+    seq, _, lm = TASKS
+    # name, model types, final stage (from base_model), blocks, sequence classifier?, logits post-processing, MoE
+    table = [
+        ("qwen3", ["qwen3"], "norm", "layers", True, None, False),
+        ("gemma", ["gemma"], "norm", "layers", True, None, False),
+        ("gemma2", ["gemma2"], "norm", "layers", True, _soft_cap, False),
+        ("gemma3", ["gemma3_text"], "norm", "layers", True, _soft_cap, False),
+        ("phi3", ["phi3"], "norm", "layers", True, None, False),
+        ("phi", ["phi"], "final_layernorm", "layers", True, None, False),
+        ("olmo", ["olmo"], "norm", "layers", True, None, False),
+        ("olmo2", ["olmo2"], "norm", "layers", True, None, False),
+        ("gpt-neox", ["gpt_neox"], "final_layer_norm", "layers", True, None, False),
+        ("opt", ["opt"], ("decoder.final_layer_norm", "decoder.project_out"), "decoder.layers", True, None, False),
+        ("falcon", ["falcon"], "ln_f", "h", True, None, False),
+        ("stablelm", ["stablelm"], "norm", "layers", True, None, False),
+        ("granite", ["granite"], "norm", "layers", False, _logits_scaling, False),
+        ("starcoder2", ["starcoder2"], "norm", "layers", True, None, False),
+        ("mixtral", ["mixtral"], "norm", "layers", True, None, True),
+        ("qwen2-moe", ["qwen2_moe"], "norm", "layers", True, None, True),
+        ("qwen3-moe", ["qwen3_moe"], "norm", "layers", True, None, True),
+        ("cohere", ["cohere"], "norm", "layers", False, _logit_scale, False),
+        ("bloom", ["bloom"], "ln_f", "h", True, None, False),
+        ("gpt-bigcode", ["gpt_bigcode"], "ln_f", "h", True, None, False),
+        ("gpt-neo", ["gpt_neo"], "ln_f", "h", True, None, False),
+        ("gpt-j", ["gptj"], "ln_f", "h", True, None, False),
+    ]
+    for name, model_types, final, blocks, has_seq, post, moe in table:
+        heads = {lm: _lm_head(final, post=post)}
+        classifiers = {lm: "lm_head"}
+        pooling = {lm: "none", seq: "last"}  # a decoder family's classifier pools the last token
+        if has_seq:
+            heads[seq], classifiers[seq], pooling[seq] = _last_token_head(final), "score", "last"
+        register_family(name, model_types, heads, classifiers=classifiers, block_paths=(blocks,), pooling=pooling,
+                        final_norm=final, final_norm_in_hidden_states=True, causal=True, flops_counted=not moe)
+
+
+# -- encoders and vision ---------------------------------------------------------------------------------
+
+
+def _modernbert_sequence_head(model, hidden, ctx):
+    # ModernBertForSequenceClassification: final_norm -> CLS or masked mean -> head (dense, act, norm) -> drop
+    # -> classifier
+    hidden = model.model.final_norm(hidden)
+    if model.config.classifier_pooling == "cls":
+        pooled = hidden[:, 0]
+    else:
+        mask = ctx.attention_mask
+        if mask is None:
+            mask = torch.ones(hidden.shape[:2], device=hidden.device, dtype=torch.bool)
+        pooled = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
+    return model.classifier(model.drop(model.head(pooled)))
+
+
+def _albert_sequence_head(model, hidden, ctx):
+    # AlbertForSequenceClassification: pooler (dense + tanh on CLS) -> dropout -> classifier
+    base = model.base_model
+    pooled = base.pooler_activation(base.pooler(hidden[:, 0]))
+    return model.classifier(model.dropout(pooled))
+
+
+def _dinov2_image_head(model, hidden, ctx):
+    # Dinov2ForImageClassification: layernorm -> [CLS, mean of patch tokens] -> classifier
+    hidden = model.base_model.layernorm(hidden)
+    return model.classifier(torch.cat([hidden[:, 0], hidden[:, 1:].mean(dim=1)], dim=1))
+
+
+def _beit_image_head(model, hidden, ctx):
+    # BeitForImageClassification: layernorm (identity with mean pooling) -> pooler (layernorm of the mean patch
+    # token, or CLS) -> classifier
+    base = model.base_model
+    return model.classifier(base.pooler(base.layernorm(hidden)))
+
+
+def _albert_blocks(base: nn.Module) -> list[nn.Module]:
+    # AlbertTransformer: layer i runs layer group int(i / (L / G)) (one shared group by default)
+    config, groups = base.config, base.encoder.albert_layer_groups
+    n, g = config.num_hidden_layers, config.num_hidden_groups
+    return [groups[int(i / (n / g))] for i in range(n)]
+
+
+def _register_encoder_and_vision_families() -> None:
+    seq, img, _ = TASKS
+    register_family(
+        "modernbert", ["modernbert"], {seq: _modernbert_sequence_head}, classifiers={seq: "classifier"},
+        block_paths=("layers",), pooling={seq: "cls"}, final_norm="final_norm", final_norm_in_hidden_states=True,
+    )
+    register_family(
+        "mpnet", ["mpnet"], {seq: _classification_head_module}, classifiers={seq: "classifier.out_proj"},
+        block_paths=("encoder.layer",), pooling={seq: "cls"},
+    )
+    register_family(
+        "albert", ["albert"], {seq: _albert_sequence_head}, classifiers={seq: "classifier"}, pooling={seq: "cls"},
+        blocks=_albert_blocks,
+    )
+    register_family(
+        "dinov2", ["dinov2"], {img: _dinov2_image_head}, classifiers={img: "classifier"},
+        block_paths=("encoder.layer", "layers"), pooling={img: "cls"}, final_norm="layernorm",
+    )
+    register_family(
+        "beit", ["beit"], {img: _beit_image_head}, classifiers={img: "classifier"},
+        block_paths=("encoder.layer", "layers"), pooling={img: "cls"}, final_norm="layernorm",
+    )
+    register_family(
+        "clip-vision", ["clip_vision_model"], {}, block_paths=("encoder.layers", "vision_model.encoder.layers"),
+        pooling={img: "cls"},
+    )
+    register_family(
+        "siglip-vision", ["siglip_vision_model"], {}, block_paths=("encoder.layers", "vision_model.encoder.layers"),
+        pooling={img: "mean"}, final_norm="post_layernorm",
     )
 
 
@@ -386,6 +594,42 @@ def _llama_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tup
     return keys * cos + _rotate_half(keys) * sin, values
 
 
+class _KVRecorded(Exception):
+    """Raised by the recording cache once the block's attention has handed it its keys and values."""
+
+
+def recorded_kv(block: nn.Module, hidden: torch.Tensor, block_kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Any family's key/value projection, by the block's own code: the block runs on ``hidden`` with a copy of
+    its KV cache whose ``update(keys, values, layer_idx, ...)`` records what the attention hands it (after the
+    block's input norm, key/value projections, key norm and rotary or any other position treatment) and stops
+    the block right there. Nothing is written to the real cache; the rest of the block never runs.
+
+    Used for every decoder-only family without a hand-written projection (``get_kv_projection``)."""
+    from transformers.cache_utils import Cache
+
+    kwargs = dict(block_kwargs)
+    names = [k for k, v in kwargs.items() if isinstance(v, Cache)]
+    if not names:
+        raise ValueError("the block arguments carry no KV cache; cannot record the keys/values the block would cache")
+    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def update(key_states, value_states, *args, **kw):
+        recorded.append((key_states, value_states))
+        raise _KVRecorded
+
+    for name in names:
+        proxy = copy.copy(kwargs[name])
+        proxy.update = update
+        kwargs[name] = proxy
+    try:
+        block(hidden, **kwargs)
+    except _KVRecorded:
+        pass
+    if not recorded:
+        raise RuntimeError(f"{type(block).__name__} did not hand keys/values to its cache")
+    return recorded[0]
+
+
 _KV_PROJECTIONS: dict[str, KVProjectionFn] = {"gpt2": _gpt2_kv, "llama": _llama_kv}
 
 
@@ -399,9 +643,72 @@ def register_kv_projection(family: str, fn: KVProjectionFn, *, overwrite: bool =
 
 
 def get_kv_projection(family: str) -> KVProjectionFn | None:
-    """The key/value projection of a family (``None`` when none is registered)."""
-    return _KV_PROJECTIONS.get(family)
+    """The key/value projection of a family: the registered one, else :func:`recorded_kv` for a decoder-only
+    family (``None`` for other families)."""
+    if family in _KV_PROJECTIONS:
+        return _KV_PROJECTIONS[family]
+    registered = _REGISTRY.get(family)
+    return recorded_kv if registered is not None and registered.causal else None
 
 
 def kv_projection_families() -> list[str]:
-    return sorted(_KV_PROJECTIONS)
+    return sorted(set(_KV_PROJECTIONS) | {f.name for f in _REGISTRY.values() if f.causal})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Mixture-of-experts: the router's auxiliary loss, as the model adds it
+# ----------------------------------------------------------------------------------------------------------
+
+
+def router_aux_loss(model: nn.Module, outputs: Any) -> torch.Tensor | None:
+    """The load-balancing loss a mixture-of-experts causal LM adds to its language-modelling loss
+    (Mixtral / Qwen2-MoE / Qwen3-MoE ``*ForCausalLM.forward``: ``loss + router_aux_loss_coef * aux_loss``, present
+    when the model was called with ``output_router_logits=True``); ``None`` when the outputs carry none."""
+    aux = getattr(outputs, "aux_loss", None)
+    if aux is None:
+        return None
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(model.config, "router_aux_loss_coef", 0.0)
+    return coef * aux
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The support table (generated: `hf-align layers --list_families`, docs/layers.md)
+# ----------------------------------------------------------------------------------------------------------
+
+CAPABILITIES = ("analysis", "aligned training", "classifier early exit", "speculative", "per-token exit", "exit costs")
+
+
+def family_capabilities(family: LayerFamily) -> dict[str, str]:
+    """What hf-align offers for a family, from its registry entry: "yes", "-" (not applicable), or for exit
+    costs "counted" / "not counted" (analytic FLOPs)."""
+    seq, img, lm = TASKS
+    has_head = bool(family.heads)
+    classifier = seq in family.heads or img in family.heads
+    decoder_lm = family.causal and lm in family.heads
+    return {
+        "analysis": "yes",
+        "aligned training": "yes" if has_head else "-",
+        "classifier early exit": "yes" if classifier else "-",
+        "speculative": "yes" if decoder_lm else "-",
+        "per-token exit": "yes" if decoder_lm and get_kv_projection(family.name) is not None else "-",
+        "exit costs": ("counted" if family.flops_counted else "not counted") if has_head else "-",
+    }
+
+
+def support_table() -> str:
+    """The family x capability table (markdown) of every registered family."""
+    names = {"sequence-classification": "seq-cls", "image-classification": "img-cls", "causal-lm": "causal-lm"}
+    header = ["family", "model types", "heads", *CAPABILITIES]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for family in _REGISTRY.values():
+        caps = family_capabilities(family)
+        heads = ", ".join([*(names[t] for t in family.heads), "base"])
+        lines.append("| " + " | ".join([family.name, ", ".join(family.model_types), heads,
+                                          *(caps[c] for c in CAPABILITIES)]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m hf_align.families: print the support table
+    print(support_table())

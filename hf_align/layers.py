@@ -43,6 +43,7 @@ from torch import nn
 from .families import (  # noqa: F401
     _REGISTRY,
     _TASK_SUFFIXES,
+    _final_stage,
     BASE_TASK,
     TASKS,
     HeadContext,
@@ -430,6 +431,11 @@ class LayerView:
 
     def _find_blocks(self) -> nn.ModuleList:
         n = self.num_layers
+        if self.family.blocks is not None:  # L block applications that are not one ModuleList (shared layers)
+            blocks = list(self.family.blocks(self.base))
+            if len(blocks) != n:
+                raise ValueError(f"family {self.family.name!r} gave {len(blocks)} blocks, expected {n}")
+            return nn.ModuleList(blocks)
         for path in self.family.block_paths:
             try:
                 module = self.base.get_submodule(path)
@@ -685,9 +691,7 @@ class LayerView:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's final norm (``family.final_norm``) applied to a hidden state; identity if none."""
-        if self.family.final_norm is None:
-            return hidden
-        return self.base.get_submodule(self.family.final_norm)(hidden)
+        return _final_stage(self.base, self.family.final_norm, hidden)
 
     def output_hidden_states(self, **inputs: Any) -> tuple[torch.Tensor, ...]:
         """L+1 hidden states as the model's own ``output_hidden_states=True`` returns them: like

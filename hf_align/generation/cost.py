@@ -245,8 +245,9 @@ class ExitCostTable:
                   "latency (ms)", "speed-up", "peak mem (MB)", self.throughput_unit]
         lines = [self.describe(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in self.rows:
-            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", f"{r['flops_analytic']:.4g}",
-                     f"{r['flops_rel_err']:.2%}", f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
+            analytic = "not counted" if r["flops_analytic"] is None else f"{r['flops_analytic']:.4g}"
+            rel = "-" if r["flops_rel_err"] is None else f"{r['flops_rel_err']:.2%}"
+            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", analytic, rel, f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
                      f"{r['speedup']:.2f}x", f"{r['peak_memory_mb']:.3f}", f"{r['throughput']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if self.notes:
@@ -267,7 +268,8 @@ def plot_exit_costs(table: ExitCostTable, path: str | None = None):
     depth = table.column("exit_layer")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot(depth, table.column("flops"), "o-", label="counted")
-    axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
+    if all(v is not None for v in table.column("flops_analytic")):
+        axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
     axes[0].set_ylabel("FLOPs per call")
     axes[0].legend()
     axes[1].plot(depth, table.column("latency_ms"), "o-")
@@ -389,6 +391,7 @@ def exit_costs(
         bar.close()
 
     full_latency = statistics.median(times[L])
+    counted = view.family.flops_counted  # False: the analytic count does not hold (mixture-of-experts routing)
     rows = []
     for d in depths:
         latency = statistics.median(times[d])
@@ -396,8 +399,8 @@ def exit_costs(
             "exit_layer": d,
             "blocks_run": d,
             "flops": flops[d],
-            "flops_analytic": analytic(d),
-            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d),
+            "flops_analytic": analytic(d) if counted else None,
+            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d) if counted else None,
             "flops_fraction": flops[d] / flops[L],
             "latency_ms": 1e3 * latency,
             "speedup": full_latency / latency,
@@ -407,6 +410,9 @@ def exit_costs(
     unit = "tokens/s" if lm else "samples/s"
     notes = ["FLOPs include the embeddings and the head once at the exit; element-wise work is not counted.",
              "peak memory: tensors created during the call (weights, inputs and a pre-filled KV cache excluded)."]
+    if not counted:
+        notes.append(f"analytic FLOPs not counted for family {view.family.name!r} (mixture-of-experts: the experts' "
+                     "FLOPs depend on the routing); the counted FLOPs are measured.")
     return ExitCostTable(rows=rows, model=type(view.hf_model).__name__, task=view.task, mode=mode, batch_size=batch,
                          seq_len=seq, kv_length=kv, repeats=repeats, throughput_unit=unit, device=str(view.device),
                          notes=notes)

@@ -48,7 +48,7 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from ..families import get_kv_projection, kv_projection_families
+from ..families import get_kv_projection, kv_projection_families, recorded_kv
 from ..layers import LayerView
 
 __all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
@@ -137,7 +137,7 @@ class PerTokenEarlyExit:
             )
         if getattr(view.hf_model.config, "is_encoder_decoder", False):
             raise ValueError("per-token early exit supports decoder-only models, not encoder-decoder models")
-        kv = get_kv_projection(view.family.name)
+        kv = get_kv_projection(view.family.name) or (recorded_kv if view.family.causal else None)
         if kv is None:
             raise ValueError(
                 f"family {view.family.name!r} has no key/value projection for state propagation; families with one: "
@@ -343,8 +343,8 @@ class PerTokenEarlyExit:
             if bool(exited.all()):
                 break
         # blocks after the last exit never run: fill their K/V by propagating each row's exit state
-        for j in range(layer + 1, L + 1):
-            keys, values = self.kv_projection(view.blocks[j - 1], exit_hidden, state.block_kwargs)
+        for j in range(layer + 1, L + 1):  # block j's own arguments (hybrid models: its own mask / rotary table)
+            keys, values = self.kv_projection(view.blocks[j - 1], exit_hidden, state.arguments_of(j)[1])
             cache.update(keys, values, j - 1)
         if logits is None:  # every row had finished: nothing was decided
             logits = torch.zeros(batch, 1, device=exit_hidden.device)
