@@ -90,7 +90,8 @@ class LayerFamily:
         causal: a decoder-only (left-to-right) family: its causal LMs can be decoded by speculative decoding
             and per-token exit.
         flops_counted: ``exit_costs``' analytic FLOP count holds for the family (False for mixture-of-experts
-            blocks, whose expert FLOPs depend on the routing: the table says "not counted").
+            blocks, whose expert FLOPs depend on the routing, and DeBERTa's relative-position attention: the
+            table says "not counted"; the measured FLOPs are still reported).
         blocks: ``fn(base_model) -> list of modules`` for families whose L block applications are not one
             ``ModuleList`` (ALBERT shares one layer group across all layers).
         inferred: for a family built by the structural fallback, what was inferred (``None`` if registered).
@@ -343,6 +344,7 @@ def _register_builtin_families() -> None:
         block_paths=("encoder.layer",),
         unbatched_kwargs=("rel_embeddings", "relative_pos"),
         pooling={seq: "cls"},
+        flops_counted=False,  # disentangled relative-position attention: products the shape walk does not see
     )
     register_family(
         "vit",
@@ -712,3 +714,167 @@ def support_table() -> str:
 
 if __name__ == "__main__":  # python -m hf_align.families: print the support table
     print(support_table())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The structural fallback: a family nobody registered, inferred from the model's structure and own forward
+# ----------------------------------------------------------------------------------------------------------
+
+
+class InferenceError(ValueError):
+    """The structural fallback could not infer a family (the message says what is missing)."""
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, torch.Tensor]:
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    device = next(model.parameters()).device
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = config.image_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        pixels = torch.randn(1, config.num_channels, height, width, generator=torch.Generator().manual_seed(0))
+        return {"pixel_values": pixels.to(device, next(model.parameters()).dtype)}
+    vocab = int(text.vocab_size)
+    ids = torch.randint(1, vocab, (1, 6), generator=torch.Generator().manual_seed(0)) if vocab > 1 else torch.zeros(1, 6)
+    return {"input_ids": ids.long().to(device), "attention_mask": torch.ones_like(ids).long().to(device)}
+
+
+def _generic_logits(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """Logit post-processing read from the config (no architecture names): soft-capping
+    (``final_logit_softcapping``), division by ``logits_scaling``, multiplication by the model's ``logit_scale``."""
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    scaling = getattr(config, "logits_scaling", None)
+    if scaling not in (None, 1, 1.0):
+        logits = logits / scaling
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale != 1:
+        logits = logits * scale
+    return logits
+
+
+def infer_family(model: nn.Module, task: str) -> LayerFamily:
+    """Infer a :class:`LayerFamily` for a model of an unregistered type, by structure and by its own forward.
+
+    * blocks: the shallowest ``nn.ModuleList`` of the base model with ``config.num_hidden_layers`` entries;
+    * the final stage (final norm, projections): the base model's modules the model's own forward calls after
+      the last block returns (forward hooks, one small probe forward);
+    * the head: for causal LMs the output embeddings (``get_output_embeddings()``) after the final stage, with
+      the config's logit soft-capping / scaling; for sequence classifiers of a left-to-right model the linear
+      layer called last, read at the last non-padding token; base models need no head;
+    * causal: whether the base model's output at the first position ignores the last token.
+
+    The result is only a proposal: :class:`~hf_align.LayerView` keeps it only if its self-check passes.
+    Raises :class:`InferenceError` saying what could not be found.
+    """
+    seq, _, lm = TASKS
+    config = model.config
+    model_type = getattr(config, "model_type", None) or type(model).__name__
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    how = ("register it with hf_align.register_family(name, model_types=[...], heads={task: fn}, block_paths=[...]) "
+           "(see docs/layers.md)")
+    if not isinstance(n, int) or n < 1:
+        raise InferenceError(f"cannot infer the layers of {type(model).__name__}: its config has no "
+                             f"num_hidden_layers; {how}")
+    base = model.base_model
+    lists = [(name.count("."), name) for name, m in base.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n]
+    if not lists:
+        raise InferenceError(f"cannot infer the blocks of {type(model).__name__}: no nn.ModuleList with "
+                             f"config.num_hidden_layers={n} entries in its base model; {how}")
+    block_path = min(lists)[1]
+    blocks = base.get_submodule(block_path)
+    if task not in (lm, seq, BASE_TASK):
+        raise InferenceError(f"the structural fallback infers causal LMs, decoder sequence classifiers and base "
+                             f"models, not {task!r} models ({type(model).__name__}); {how}")
+
+    # one probe forward: which modules run after the last block, and in what order
+    names = {id(m): name for name, m in model.named_modules()}
+    in_blocks = {id(m) for m in blocks.modules()}
+    order: list[str] = []
+    marker: list[int] = []
+
+    def started(module, args):
+        if id(module) not in in_blocks and module is not model and module is not base:
+            order.append(names[id(module)])
+
+    def last_done(module, args, out):
+        marker[:] = [len(order)]
+
+    handles = [m.register_forward_pre_hook(started) for m in model.modules()]
+    handles.append(blocks[-1].register_forward_hook(last_done))
+    inputs = _probe_inputs(model)
+    try:
+        with torch.no_grad():
+            first = model(**inputs)
+    except Exception as error:  # noqa: BLE001 - any failure of the probe is an inference failure
+        raise InferenceError(f"cannot infer the layers of {type(model).__name__}: its forward failed on a probe "
+                             f"batch ({type(error).__name__}: {error}); {how}") from error
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not marker:
+        raise InferenceError(f"{type(model).__name__}'s forward never ran its last block ({block_path}[{n - 1}]); {how}")
+    after = order[marker[0]:]
+    outer = [a for a in after if not any(a != b and a.startswith(b + ".") for b in after)]  # outermost modules only
+    prefix = names[id(base)] + "." if base is not model else ""
+    final = tuple(a[len(prefix):] for a in outer if a.startswith(prefix) and prefix)
+    if base is model:
+        final = tuple(outer)
+    outside = [a for a in outer if not (prefix and a.startswith(prefix))] if base is not model else []
+
+    # causal: the first position does not see a change of the last token
+    ids = inputs.get("input_ids")
+    causal = False
+    if ids is not None and ids.shape[1] > 1:
+        changed = ids.clone()
+        changed[:, -1] = (changed[:, -1] % (int(text.vocab_size) - 1)) + 1 if text.vocab_size > 2 else 1 - changed[:, -1]
+        with torch.no_grad():
+            a = base(**inputs).last_hidden_state[:, 0]
+            b = base(**{**inputs, "input_ids": changed}).last_hidden_state[:, 0]
+        causal = bool(torch.equal(a, b))
+
+    described = [f"blocks {block_path} ({n} x {type(blocks[0]).__name__})",
+                 f"final stage {list(final) or 'none'}", "left-to-right" if causal else "bidirectional"]
+    heads: dict[str, HeadFn] = {}
+    classifiers: dict[str, str] = {}
+    pooling: dict[str, str] = {}
+    if task == lm:
+        head_module = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head_module is None or id(head_module) not in names:
+            raise InferenceError(f"cannot infer the LM head of {type(model).__name__}: no output embeddings; {how}")
+        head_path = names[id(head_module)]
+
+        def lm_head(m, hidden, ctx, _final=final, _path=head_path):
+            return _generic_logits(m, m.get_submodule(_path)(_final_stage(m.base_model, _final, hidden)))
+
+        heads[lm], classifiers[lm], pooling[lm] = lm_head, head_path, "none"
+        described.append(f"LM head {head_path} (+ the config's logit soft-capping / scaling)")
+    elif task == seq:
+        linears = [a for a in outside if isinstance(model.get_submodule(a), nn.Linear)]
+        if not causal or not linears or len(outside) != 1:
+            raise InferenceError(
+                f"cannot infer the classification head of {type(model).__name__}: the structural fallback reads the "
+                f"last token of a left-to-right model through one linear layer (found {outside} after the base model, "
+                f"{'left-to-right' if causal else 'bidirectional'}); {how}")
+        score = linears[-1]
+        heads[seq] = _last_token_head(final, score)
+        classifiers[seq], pooling[seq] = score, "last"
+        described.append(f"classifier {score} at the last non-padding token")
+    if causal:
+        pooling.setdefault(seq, "last")
+    final_in_hidden = False
+    if final:
+        with torch.no_grad():
+            out = base(**inputs, output_hidden_states=True)
+        states = getattr(out, "hidden_states", None)
+        final_in_hidden = bool(states) and torch.equal(states[-1], out.last_hidden_state)
+    del first
+    return LayerFamily(
+        name=f"inferred:{model_type}", model_types=(model_type,), heads=heads, classifiers=classifiers,
+        block_paths=(block_path,), pooling=pooling, final_norm=final or None,
+        final_norm_in_hidden_states=final_in_hidden, causal=causal, flops_counted=True,
+        inferred="; ".join(described),
+    )

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -43,7 +44,9 @@ from torch import nn
 from .families import (  # noqa: F401
     _REGISTRY,
     _TASK_SUFFIXES,
+    InferenceError,
     _final_stage,
+    infer_family,
     BASE_TASK,
     TASKS,
     HeadContext,
@@ -399,14 +402,11 @@ class LayerView:
             "(see docs/layers.md)."
         )
         family = get_family(model_type) if model_type else None
-        if family is None:
-            raise ValueError(
-                f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} "
-                f"(config.model_type={model_type!r}). Supported families: {_supported_text()}. {how}"
-            )
         task = _task_of(self.hf_model)
         if task is None and getattr(self.hf_model, "base_model", None) is self.hf_model:
             task = BASE_TASK  # a head-less base model
+        if family is None:
+            family = self._inferred_family(model_type, task, how)
         if task != BASE_TASK and task not in family.heads:
             raise ValueError(
                 f"{type(self.hf_model).__name__} is a {family.name} model, but its head type ({task or 'unknown'}) "
@@ -425,9 +425,41 @@ class LayerView:
         self.atol = float(atol)
         self.last_check_diff: float | None = None
         if check:
-            self.self_check(check_inputs)
+            try:
+                self.self_check(check_inputs)
+            except ValueError as error:
+                if family.inferred is None:
+                    raise
+                raise ValueError(
+                    f"hf_align inferred a layer view for {type(self.hf_model).__name__} (model_type {model_type!r}, not "
+                    f"registered: {family.inferred}), but it does not reproduce the model: {error} Register the family "
+                    "with hf_align.register_family(name, model_types=[...], heads={task: fn}) (see docs/layers.md)."
+                ) from None
+            if family.inferred is not None:
+                warnings.warn(
+                    f"hf_align: {type(self.hf_model).__name__} (model_type {model_type!r}) is not a registered family; "
+                    f"inferred by structure: {family.inferred}. Kept: the self-check reproduces the model's own "
+                    f"outputs (max abs diff {self.last_check_diff:.2e}). Register the family to make this explicit.",
+                    stacklevel=2,
+                )
+        elif family.inferred is not None:
+            raise ValueError(f"{type(self.hf_model).__name__} is not a registered family; an inferred view "
+                             f"({family.inferred}) is kept only after its self-check, so check=False is refused")
 
     # -- structure -------------------------------------------------------------------------------------
+
+    def _inferred_family(self, model_type: str | None, task: str | None, how: str) -> LayerFamily:
+        """The structural fallback (:func:`hf_align.families.infer_family`) for an unregistered model type."""
+        unsupported = (f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} "
+                       f"(config.model_type={model_type!r}) and")
+        if getattr(self.hf_model, "config", None) is None or task is None:
+            raise ValueError(f"{unsupported} its head type is unknown. Supported families: {_supported_text()}. {how}")
+        try:
+            family = infer_family(self.hf_model, task)
+        except InferenceError as error:
+            raise ValueError(f"{unsupported} the structural fallback failed: {error}. Supported families: "
+                             f"{_supported_text()}.") from None
+        return family
 
     def _find_blocks(self) -> nn.ModuleList:
         n = self.num_layers
@@ -515,6 +547,8 @@ class LayerView:
     def describe(self) -> str:
         """A short human-readable description (what ``hf-align layers`` prints)."""
         lines = [repr(self)]
+        if self.family.inferred is not None:
+            lines.append(f"  inferred by structure (not registered): {self.family.inferred}")
         names = {id(m): n for n, m in self.hf_model.named_modules()}
         lines.append(f"  blocks: {names.get(id(self.blocks), '?')} ({len(self.blocks)} x {type(self.blocks[0]).__name__})")
         try:

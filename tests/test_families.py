@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from datasets import Dataset
-from tiny_models import DECODER_CLASSES, DECODER_FAMILIES, ENCODER_CLASSES, ENCODER_FAMILIES, tiny_decoder, tiny_encoder
+from tiny_models import (CASES, DECODER_CLASSES, DECODER_FAMILIES, ENCODER_CLASSES, ENCODER_FAMILIES, tiny_decoder,
+                         tiny_encoder, tiny_model)
 
 import hf_align
 from hf_align import LayerView
@@ -300,7 +301,7 @@ def test_moe_router_aux_loss_is_the_models():
     logits = LayerView(model).layer_logits(input_ids=ids)[-1]
     ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     aux = hf_align.families.router_aux_loss(model, out)
-    torch.testing.assert_close(out.loss, ce + aux, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.loss.double(), (ce + aux).double(), rtol=0, atol=1e-6)  # aux is float32
     assert aux > 0
 
 
@@ -329,7 +330,143 @@ def test_encoder_exit_costs_match_the_counter(family):
         assert abs(row["flops"] - row["flops_analytic"]) <= 0.02 * row["flops_analytic"], row
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family,class_name", [c for c in CASES if c[1] != "GPT2ForSequenceClassification"])
+def test_original_families_exit_cost_claims(family, class_name):
+    """The table's "counted" / "not counted" for the families registered before this matrix, measured."""
+    model = tiny_model(family, class_name)
+    table = hf_align.exit_costs(model, mode="forward", batch_size=2, seq_len=8, repeats=1, progress=False)
+    if get_family(model.config.model_type).flops_counted:
+        assert all(r["flops_rel_err"] <= 0.02 for r in table)
+    else:
+        assert all(r["flops_analytic"] is None for r in table)
+
+
+def test_every_registered_family_has_a_tiny_model_in_the_tests():
+    """The support table lists only families these tests build (tiny_models: the original CASES and the new ones)."""
+    covered = {get_family(tiny_model(f, c).config.model_type).name for f, c in CASES}
+    covered |= {get_family(DECODER_FAMILIES[f][0]().model_type).name for f in DECODER_FAMILIES}
+    covered |= {get_family(ENCODER_FAMILIES[f][0]().model_type).name for f in ENCODER_FAMILIES}
+    assert covered == set(hf_align.supported_families())
+
+
 # -- 6. the structural fallback ------------------------------------------------------------------------------
+
+_S = dict(hidden_size=32, num_hidden_layers=L, num_attention_heads=4, intermediate_size=37, vocab_size=99,
+          pad_token_id=0, max_position_embeddings=64, num_labels=3, initializer_range=0.2)
+# unregistered families, chosen to differ: Persimmon (final_layernorm, partial rotary, q/k layernorm), XGLM
+# (sinusoidal positions, scaled embeddings, layer_norm), MPT (ALiBi, blocks in `blocks`, norm_f)
+UNREGISTERED = {
+    "persimmon": lambda: T.PersimmonConfig(**_S),
+    "xglm": lambda: T.XGLMConfig(d_model=32, num_layers=L, attention_heads=4, ffn_dim=37, vocab_size=99,
+                                 pad_token_id=0, max_position_embeddings=64, init_std=0.2),
+    "mpt": lambda: T.MptConfig(d_model=32, n_layers=L, n_heads=4, vocab_size=99, pad_token_id=0, num_labels=3,
+                               initializer_range=0.2, use_cache=True),
+}
+_PREFIX = {"persimmon": "Persimmon", "xglm": "XGLM", "mpt": "Mpt"}
+
+
+def _unregistered(name, suffix, dtype=torch.float64):
+    assert get_family(name) is None  # really not registered
+    torch.manual_seed(0)
+    return getattr(T, _PREFIX[name] + suffix)(UNREGISTERED[name]()).to(dtype).eval()
+
+
+@pytest.mark.parametrize("name", list(UNREGISTERED))
+@pytest.mark.parametrize("suffix", ["ForCausalLM", "ForSequenceClassification", "Model"])
+def test_structural_fallback_is_kept_after_its_self_check(name, suffix):
+    if not hasattr(T, _PREFIX[name] + suffix):
+        pytest.skip(f"transformers has no {_PREFIX[name]}{suffix}")
+    model = _unregistered(name, suffix, torch.float32)
+    with pytest.warns(UserWarning, match="inferred by structure"):
+        view = LayerView(model)
+    assert view.family.inferred and "blocks" in view.family.inferred and view.family.causal
+    assert "inferred by structure" in view.describe()
+    ids, mask = _prompts(4)
+    with torch.no_grad():
+        if suffix == "Model":
+            ours, ref = view.output_hidden_states(input_ids=ids, attention_mask=mask), \
+                model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            for a, b in zip(ours, ref):
+                torch.testing.assert_close(a[mask.bool()], b[mask.bool()], rtol=0, atol=1e-5)
+        else:
+            ours = view.layer_logits(input_ids=ids, attention_mask=mask)[-1]
+            torch.testing.assert_close(ours, model(input_ids=ids, attention_mask=mask).logits, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(UNREGISTERED))
+def test_structural_fallback_decodes_like_generate(name):
+    # (XGLM's own mask code overflows in float64)
+    model = _unregistered(name, "ForCausalLM", torch.float32 if name == "xglm" else torch.float64)
+    ids, mask = _prompts(4)
+    with pytest.warns(UserWarning, match="inferred by structure"):
+        out = hf_align.early_exit_generate(model, input_ids=ids, attention_mask=mask, threshold=1.0, max_new_tokens=8,
+                                           eos_token_id=None, pad_token_id=0)
+    assert torch.equal(out.sequences, _generate(model, ids, mask, new=8))
+
+
+class _ToyConfig(T.PretrainedConfig):
+    model_type = "hf-align-toy"
+
+    def __init__(self, hidden_size=8, num_hidden_layers=2, vocab_size=11, sequential=False, scale=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size, self.num_hidden_layers, self.vocab_size = hidden_size, num_hidden_layers, vocab_size
+        self.sequential, self.scale = sequential, scale
+
+
+class _ToyModel(T.PreTrainedModel):
+    config_class = _ToyConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+        layers = [torch.nn.Linear(config.hidden_size, config.hidden_size) for _ in range(config.num_hidden_layers)]
+        self.layers = torch.nn.Sequential(*layers) if config.sequential else torch.nn.ModuleList(layers)
+        self.norm = torch.nn.LayerNorm(config.hidden_size)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, output_hidden_states=False, **kwargs):
+        hidden = self.embed(input_ids)
+        states = [hidden]
+        for layer in self.layers:
+            hidden = torch.tanh(layer(hidden))
+            states.append(hidden)
+        return T.modeling_outputs.BaseModelOutput(last_hidden_state=self.norm(hidden), hidden_states=tuple(states))
+
+
+class _ToyForCausalLM(T.PreTrainedModel):
+    config_class = _ToyConfig
+    base_model_prefix = "model"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = _ToyModel(config)
+        self.lm_head = torch.nn.Linear(config.hidden_size, config.vocab_size)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        hidden = self.model(input_ids, attention_mask).last_hidden_state
+        return T.modeling_outputs.CausalLMOutput(logits=self.lm_head(hidden) * self.config.scale)
+
+
+def test_structural_fallback_fails_clearly():
+    ids = torch.tensor([[1, 2, 3]])
+    # blocks that are not a ModuleList of num_hidden_layers entries: nothing to infer
+    with pytest.raises(ValueError, match="no nn.ModuleList with config.num_hidden_layers=2 entries.*register_family"):
+        LayerView(_ToyForCausalLM(_ToyConfig(sequential=True)).eval())
+    # structure found, but the head does something the structure does not show: kept only if the self-check passes
+    with pytest.raises(ValueError, match="inferred a layer view .* does not reproduce the model.*register_family"):
+        LayerView(_ToyForCausalLM(_ToyConfig(scale=3.0)).eval())
+    # without the hidden scaling the same structure is inferred and kept
+    with pytest.warns(UserWarning, match="final stage \\['model.norm'\\]|final stage \\['norm'\\]"):
+        view = LayerView(_ToyForCausalLM(_ToyConfig()).eval())
+    assert view.forward_until(1, input_ids=ids).shape == (1, 3, 8)
+    with pytest.raises(ValueError, match="check=False is refused"):
+        LayerView(_ToyForCausalLM(_ToyConfig()).eval(), check=False)
 
 
 # -- 7. the support table ------------------------------------------------------------------------------------

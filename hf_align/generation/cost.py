@@ -411,8 +411,9 @@ def exit_costs(
     notes = ["FLOPs include the embeddings and the head once at the exit; element-wise work is not counted.",
              "peak memory: tensors created during the call (weights, inputs and a pre-filled KV cache excluded)."]
     if not counted:
-        notes.append(f"analytic FLOPs not counted for family {view.family.name!r} (mixture-of-experts: the experts' "
-                     "FLOPs depend on the routing); the counted FLOPs are measured.")
+        notes.append(f"analytic FLOPs not counted for family {view.family.name!r} (its blocks do work the shape walk "
+                     "does not see: mixture-of-experts routing, relative-position attention); the counted FLOPs are "
+                     "measured.")
     return ExitCostTable(rows=rows, model=type(view.hf_model).__name__, task=view.task, mode=mode, batch_size=batch,
                          seq_len=seq, kv_length=kv, repeats=repeats, throughput_unit=unit, device=str(view.device),
                          notes=notes)
