@@ -776,6 +776,9 @@ def infer_family(model: nn.Module, task: str) -> LayerFamily:
     n = getattr(text, "num_hidden_layers", None)
     how = ("register it with hf_align.register_family(name, model_types=[...], heads={task: fn}, block_paths=[...]) "
            "(see docs/layers.md)")
+    if getattr(config, "is_encoder_decoder", False):
+        raise InferenceError(f"{type(model).__name__} is an encoder-decoder model; the structural fallback infers "
+                             f"encoder-only and decoder-only models; {how}")
     if not isinstance(n, int) or n < 1:
         raise InferenceError(f"cannot infer the layers of {type(model).__name__}: its config has no "
                              f"num_hidden_layers; {how}")
@@ -831,10 +834,17 @@ def infer_family(model: nn.Module, task: str) -> LayerFamily:
     if ids is not None and ids.shape[1] > 1:
         changed = ids.clone()
         changed[:, -1] = (changed[:, -1] % (int(text.vocab_size) - 1)) + 1 if text.vocab_size > 2 else 1 - changed[:, -1]
-        with torch.no_grad():
-            a = base(**inputs).last_hidden_state[:, 0]
-            b = base(**{**inputs, "input_ids": changed}).last_hidden_state[:, 0]
-        causal = bool(torch.equal(a, b))
+        def first_position(batch):
+            out = base(**batch)
+            out = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
+            return None if out is None else out[:, 0]
+
+        try:
+            with torch.no_grad():
+                a, b = first_position(inputs), first_position({**inputs, "input_ids": changed})
+            causal = a is not None and b is not None and bool(torch.equal(a, b))
+        except Exception:  # noqa: BLE001 - a base model that cannot be probed alone: not known to be causal
+            causal = False
 
     described = [f"blocks {block_path} ({n} x {type(blocks[0]).__name__})",
                  f"final stage {list(final) or 'none'}", "left-to-right" if causal else "bidirectional"]
@@ -867,10 +877,13 @@ def infer_family(model: nn.Module, task: str) -> LayerFamily:
         pooling.setdefault(seq, "last")
     final_in_hidden = False
     if final:
-        with torch.no_grad():
-            out = base(**inputs, output_hidden_states=True)
-        states = getattr(out, "hidden_states", None)
-        final_in_hidden = bool(states) and torch.equal(states[-1], out.last_hidden_state)
+        try:
+            with torch.no_grad():
+                out = base(**inputs, output_hidden_states=True)
+            states = getattr(out, "hidden_states", None)
+            final_in_hidden = bool(states) and torch.equal(states[-1], out.last_hidden_state)
+        except Exception:  # noqa: BLE001 - the base model's self-check decides
+            final_in_hidden = False
     del first
     return LayerFamily(
         name=f"inferred:{model_type}", model_types=(model_type,), heads=heads, classifiers=classifiers,

@@ -44,17 +44,17 @@ from torch import nn
 from .families import (  # noqa: F401
     _REGISTRY,
     _TASK_SUFFIXES,
-    InferenceError,
-    _final_stage,
-    infer_family,
     BASE_TASK,
     TASKS,
     HeadContext,
+    InferenceError,
     LayerFamily,
+    _final_stage,
     _supported_text,
     cls_token,
     get_family,
     get_kv_projection,
+    infer_family,
     kv_projection_families,
     last_non_pad_token,
     register_family,
@@ -431,9 +431,10 @@ class LayerView:
                 if family.inferred is None:
                     raise
                 raise ValueError(
-                    f"hf_align inferred a layer view for {type(self.hf_model).__name__} (model_type {model_type!r}, not "
-                    f"registered: {family.inferred}), but it does not reproduce the model: {error} Register the family "
-                    "with hf_align.register_family(name, model_types=[...], heads={task: fn}) (see docs/layers.md)."
+                    f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} (config.model_type="
+                    f"{model_type!r}); it inferred a layer view by structure ({family.inferred}), but it does not "
+                    f"reproduce the model: {error} Register the family with hf_align.register_family(name, "
+                    "model_types=[...], heads={task: fn}) (see docs/layers.md)."
                 ) from None
             if family.inferred is not None:
                 warnings.warn(

@@ -22,8 +22,16 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from datasets import Dataset
-from tiny_models import (CASES, DECODER_CLASSES, DECODER_FAMILIES, ENCODER_CLASSES, ENCODER_FAMILIES, tiny_decoder,
-                         tiny_encoder, tiny_model)
+from tiny_models import (
+    CASES,
+    DECODER_CLASSES,
+    DECODER_FAMILIES,
+    ENCODER_CLASSES,
+    ENCODER_FAMILIES,
+    tiny_decoder,
+    tiny_encoder,
+    tiny_model,
+)
 
 import hf_align
 from hf_align import LayerView
@@ -459,7 +467,7 @@ def test_structural_fallback_fails_clearly():
     with pytest.raises(ValueError, match="no nn.ModuleList with config.num_hidden_layers=2 entries.*register_family"):
         LayerView(_ToyForCausalLM(_ToyConfig(sequential=True)).eval())
     # structure found, but the head does something the structure does not show: kept only if the self-check passes
-    with pytest.raises(ValueError, match="inferred a layer view .* does not reproduce the model.*register_family"):
+    with pytest.raises(ValueError, match="no layer-view adapter.*inferred a layer view by structure .* does not reproduce the model.*register_family"):
         LayerView(_ToyForCausalLM(_ToyConfig(scale=3.0)).eval())
     # without the hidden scaling the same structure is inferred and kept
     with pytest.warns(UserWarning, match="final stage \\['model.norm'\\]|final stage \\['norm'\\]"):
