@@ -81,7 +81,8 @@ class LayerFamily:
             structural fallback is the ``nn.ModuleList`` with ``config.num_hidden_layers`` entries.
         unbatched_kwargs: names of block keyword arguments that have no batch dimension (never row-sliced
             when finished samples leave a batch).
-        pooling: task -> how the head pools tokens ("cls", "last", "none" for per-token LM heads).
+        pooling: task -> how the head pools tokens ("cls", "last", "mean", "none" for per-token LM heads), or a
+            callable ``config -> str`` where the configuration decides.
         final_norm: dotted path (from ``model.base_model``) of the final norm the base model applies to the
             last block's output (``None`` if it has none); used for head-less base models.
         final_norm_in_hidden_states: whether the model's own ``output_hidden_states=True`` returns the last
@@ -493,6 +494,10 @@ def _modernbert_sequence_head(model, hidden, ctx):
     return model.classifier(model.drop(model.head(pooled)))
 
 
+def _modernbert_pooling(config) -> str:
+    return "cls" if config.classifier_pooling == "cls" else "mean"
+
+
 def _albert_sequence_head(model, hidden, ctx):
     # AlbertForSequenceClassification: pooler (dense + tanh on CLS) -> dropout -> classifier
     base = model.base_model
@@ -524,7 +529,8 @@ def _register_encoder_and_vision_families() -> None:
     seq, img, _ = TASKS
     register_family(
         "modernbert", ["modernbert"], {seq: _modernbert_sequence_head}, classifiers={seq: "classifier"},
-        block_paths=("layers",), pooling={seq: "cls"}, final_norm="final_norm", final_norm_in_hidden_states=True,
+        block_paths=("layers",), pooling={seq: _modernbert_pooling}, final_norm="final_norm",
+        final_norm_in_hidden_states=True,
     )
     register_family(
         "mpnet", ["mpnet"], {seq: _classification_head_module}, classifiers={seq: "classifier.out_proj"},

@@ -501,10 +501,13 @@ class LayerView:
     def pooling(self) -> str:
         """How the model's head pools tokens: "cls", "last" or "none" (per-token LM head). For a head-less
         base model: the pooling of the family's own classifier ("cls" for encoders and ViT, "last" for
-        decoders)."""
+        decoders; "mean" where the family's classifier averages tokens). A family may declare it per
+        configuration (a callable ``config -> str``, e.g. ModernBERT's ``classifier_pooling``)."""
+        values = [p(self.hf_model.config) if callable(p) else p for p in self.family.pooling.values()]
         if self.task == BASE_TASK:
-            return next((p for p in self.family.pooling.values() if p != "none"), "cls")
-        return self.family.pooling.get(self.task, "cls")
+            return next((p for p in values if p != "none"), "cls")
+        pooling = self.family.pooling.get(self.task, "cls")
+        return pooling(self.hf_model.config) if callable(pooling) else pooling
 
     @property
     def has_head(self) -> bool:

@@ -116,7 +116,8 @@ def test_encoder_and_vision_self_check(family, head):
 
 def test_modernbert_mean_pooling_and_albert_shared_groups():
     model = tiny_encoder("modernbert", classifier_pooling="mean")
-    LayerView(model)  # the masked mean over tokens, as the model pools
+    assert LayerView(model).pooling == "mean"  # the masked mean over tokens, as the model pools (self-checked)
+    assert LayerView(tiny_encoder("modernbert")).pooling == "cls"
     albert = tiny_encoder("albert", num_hidden_layers=4, num_hidden_groups=2)
     view = LayerView(albert)
     groups = albert.albert.encoder.albert_layer_groups
@@ -161,6 +162,41 @@ def test_hybrid_blocks_get_their_own_masks_float64(family, per_block_arguments):
             wrong = view.run_blocks(dataclasses.replace(state, block_kwargs=shared), L).hidden
             right = view.run_blocks(state, L).hidden
             assert (wrong[0] - right[0]).abs().max() > 1e-6
+
+
+def test_capturing_thread_and_a_plain_forward_thread_share_a_hybrid_model():
+    """While one thread captures block arguments (its blocks answer with their input), another thread's forward of
+    the same model runs its blocks for real: both get the reference outputs."""
+    import threading
+
+    model = tiny_decoder("gemma3")
+    view = LayerView(model)
+    ids, mask = _prompts(4)
+    with torch.no_grad():
+        reference = model(input_ids=ids, attention_mask=mask).logits
+        after_two = view.forward_until(2, input_ids=ids, attention_mask=mask)
+    errors = []
+
+    def capture():
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(view.forward_until(2, input_ids=ids, attention_mask=mask), after_two):
+                    errors.append("view")
+
+    def forward():
+        with torch.no_grad():
+            for _ in range(30):
+                if not torch.equal(model(input_ids=ids, attention_mask=mask).logits, reference):
+                    errors.append("model")
+
+    threads = [threading.Thread(target=capture), threading.Thread(target=forward)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(type(b).__name__ == "Gemma3DecoderLayer" and not hasattr(type(b), "_hf_align_passing")
+               for b in view.blocks)  # every block is back to its own class
 
 
 # -- 3. decoding: speculative and per-token exit against stock generate --------------------------------------
