@@ -95,6 +95,10 @@ class LayerFamily:
             table says "not counted"; the measured FLOPs are still reported).
         blocks: ``fn(base_model) -> list of modules`` for families whose L block applications are not one
             ``ModuleList`` (ALBERT shares one layer group across all layers).
+        base_model: whether the family's head-less base model (``AutoModel``) is supported (False for CLIP /
+            SigLIP, whose base model is the dual text-image model: use their vision towers' families).
+        config_path: the attribute of the model's config that configures the blocks, where it is not the config
+            itself (CLIP / SigLIP image classifiers: ``"vision_config"``).
         inferred: for a family built by the structural fallback, what was inferred (``None`` if registered).
     """
 
@@ -110,6 +114,8 @@ class LayerFamily:
     causal: bool = False
     flops_counted: bool = True
     blocks: Callable[[nn.Module], list[nn.Module]] | None = None
+    config_path: str | None = None
+    base_model: bool = True
     inferred: str | None = None
 
     @property
@@ -135,6 +141,8 @@ def register_family(
     causal: bool = False,
     flops_counted: bool = True,
     blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
+    config_path: str | None = None,
+    base_model: bool = True,
     overwrite: bool = False,
 ) -> LayerFamily:
     """Register a family so that :class:`LayerView` supports it.
@@ -185,14 +193,20 @@ def register_family(
         causal=bool(causal),
         flops_counted=bool(flops_counted),
         blocks=blocks,
+        config_path=config_path,
+        base_model=bool(base_model),
     )
     _REGISTRY[name] = family
     return family
 
 
+def _tasks(family: LayerFamily) -> list[str]:
+    return [*family.heads, *([BASE_TASK] if family.base_model else [])]
+
+
 def supported_families() -> dict[str, dict[str, Any]]:
     """``{family: {"model_types": [...], "tasks": [...]}}`` for every registered family."""
-    return {f.name: {"model_types": list(f.model_types), "tasks": [*f.heads, BASE_TASK]} for f in _REGISTRY.values()}
+    return {f.name: {"model_types": list(f.model_types), "tasks": _tasks(f)} for f in _REGISTRY.values()}
 
 
 def get_family(model_type: str) -> LayerFamily | None:
@@ -209,7 +223,7 @@ def is_causal_lm_family(model_type: str) -> bool:
 
 
 def _supported_text() -> str:
-    return "; ".join(f"{f.name} ({', '.join(f.model_types)}: {', '.join([*f.heads, BASE_TASK])})" for f in _REGISTRY.values())
+    return "; ".join(f"{f.name} ({', '.join(f.model_types)}: {', '.join(_tasks(f))})" for f in _REGISTRY.values())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -518,6 +532,17 @@ def _beit_image_head(model, hidden, ctx):
     return model.classifier(base.pooler(base.layernorm(hidden)))
 
 
+def _clip_image_head(model, hidden, ctx):
+    # CLIPForImageClassification: mean of the patch tokens of the last block's output (no post_layernorm) ->
+    # classifier
+    return model.classifier(hidden[:, 1:, :].mean(dim=1))
+
+
+def _siglip_image_head(model, hidden, ctx):
+    # SiglipForImageClassification: post_layernorm -> mean over every token -> classifier
+    return model.classifier(model.vision_model.post_layernorm(hidden).mean(dim=1))
+
+
 def _albert_blocks(base: nn.Module) -> list[nn.Module]:
     # AlbertTransformer: layer i runs layer group int(i / (L / G)) (one shared group by default)
     config, groups = base.config, base.encoder.albert_layer_groups
@@ -555,6 +580,17 @@ def _register_encoder_and_vision_families() -> None:
     register_family(
         "siglip-vision", ["siglip_vision_model"], {}, block_paths=("encoder.layers", "vision_model.encoder.layers"),
         pooling={img: "mean"}, final_norm="post_layernorm",
+    )
+    # the image classifiers built on those towers (their config is the dual config: blocks in vision_config)
+    register_family(
+        "clip", ["clip"], {img: _clip_image_head}, classifiers={img: "classifier"},
+        block_paths=("vision_model.encoder.layers",), pooling={img: "mean"}, config_path="vision_config",
+        base_model=False,
+    )
+    register_family(
+        "siglip", ["siglip"], {img: _siglip_image_head}, classifiers={img: "classifier"},
+        block_paths=("vision_model.encoder.layers",), pooling={img: "mean"}, config_path="vision_config",
+        base_model=False,
     )
 
 
@@ -712,7 +748,7 @@ def support_table() -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for family in _REGISTRY.values():
         caps = family_capabilities(family)
-        heads = ", ".join([*(names[t] for t in family.heads), "base"])
+        heads = ", ".join([*(names[t] for t in family.heads), *(["base"] if family.base_model else [])])
         lines.append("| " + " | ".join([family.name, ", ".join(family.model_types), heads,
                                           *(caps[c] for c in CAPABILITIES)]) + " |")
     return "\n".join(lines)

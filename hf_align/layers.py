@@ -407,6 +407,11 @@ class LayerView:
             task = BASE_TASK  # a head-less base model
         if family is None:
             family = self._inferred_family(model_type, task, how)
+        if task == BASE_TASK and not family.base_model:
+            raise ValueError(
+                f"{type(self.hf_model).__name__} is the base model of family {family.name!r}, which is supported only "
+                f"with its heads {list(family.heads)}. Supported families: {_supported_text()}. {how}"
+            )
         if task != BASE_TASK and task not in family.heads:
             raise ValueError(
                 f"{type(self.hf_model).__name__} is a {family.name} model, but its head type ({task or 'unknown'}) "
@@ -416,7 +421,9 @@ class LayerView:
         self.family = family
         self.task = task
         self.base = self.hf_model.base_model
-        self.num_layers = int(config.num_hidden_layers)
+        # the configuration of the blocks: the model's own, or a sub-configuration (CLIP's vision_config)
+        self.layer_config = getattr(config, family.config_path) if family.config_path else config
+        self.num_layers = int(self.layer_config.num_hidden_layers)
         self.blocks = self._find_blocks()
         self._output_kind: Any = None  # what a block returns (learned on the first capture, see prepare)
         self._head_fn = family.heads.get(task)
@@ -589,7 +596,7 @@ class LayerView:
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
         """A small synthetic batch for this model (padded where the head's pooling depends on padding)."""
-        config = self.hf_model.config
+        config = self.layer_config if self.is_vision else self.hf_model.config
         generator = torch.Generator().manual_seed(seed)
         if self.is_vision:
             size = config.image_size

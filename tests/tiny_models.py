@@ -78,7 +78,11 @@ ENCODER_FAMILIES = {
     "beit": (T.BeitConfig, dict(image_size=16, patch_size=4, use_relative_position_bias=True)),
     "clip-vision": (T.CLIPVisionConfig, dict(image_size=16, patch_size=4)),
     "siglip-vision": (T.SiglipVisionConfig, dict(image_size=16, patch_size=4)),
+    # image classifiers on the towers: the dual config, blocks configured by its vision_config
+    "clip": (T.CLIPConfig, dict(image_size=16, patch_size=4)),
+    "siglip": (T.SiglipConfig, dict(image_size=16, patch_size=4)),
 }
+_TEXT_TOWER = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8, vocab_size=50)
 ENCODER_CLASSES = {
     "modernbert": ("ModernBertForSequenceClassification", "ModernBertModel"),
     "mpnet": ("MPNetForSequenceClassification", "MPNetModel"),
@@ -87,6 +91,8 @@ ENCODER_CLASSES = {
     "beit": ("BeitForImageClassification", "BeitModel"),
     "clip-vision": (None, "CLIPVisionModel"),
     "siglip-vision": (None, "SiglipVisionModel"),
+    "clip": ("CLIPForImageClassification", None),
+    "siglip": ("SiglipForImageClassification", None),
 }
 
 
@@ -114,7 +120,11 @@ def tiny_encoder(family: str, head: bool = True, seed: int = 0, dtype: torch.dty
     kwargs.update(overrides)
     if family == "albert":
         kwargs.setdefault("num_hidden_layers", 4)
-    config = config_cls(**kwargs)
+    if family in ("clip", "siglip"):
+        config = config_cls(text_config=_TEXT_TOWER, vision_config={k: v for k, v in kwargs.items() if k != "num_labels"},
+                            num_labels=kwargs["num_labels"])
+    else:
+        config = config_cls(**kwargs)
     torch.manual_seed(seed)
     name = ENCODER_CLASSES[family][0 if head else 1]
     return getattr(T, name)(config).to(dtype).eval()

@@ -172,8 +172,11 @@ def block_linear_flops_per_token(block: nn.Module) -> int:
 
 def _conv_flops(module: nn.Conv2d, height: int, width: int, batch: int) -> int:
     out_hw = []
-    for size, k, s, p, d in zip((height, width), module.kernel_size, module.stride, module.padding, module.dilation):
-        out_hw.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    padding = module.padding
+    if isinstance(padding, str):  # "valid": none; "same": the output keeps the input size (stride 1)
+        padding = (0, 0) if padding == "valid" else None
+    for i, (size, k, s, d) in enumerate(zip((height, width), module.kernel_size, module.stride, module.dilation)):
+        out_hw.append(size if padding is None else (size + 2 * padding[i] - d * (k - 1) - 1) // s + 1)
     per_pixel = 2 * module.out_channels * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return batch * out_hw[0] * out_hw[1] * per_pixel
 
@@ -453,7 +456,7 @@ def _embedding_flops(view: LayerView, inputs: dict, batch: int, tokens: int) -> 
 def _forward_setup(view: LayerView, inputs: dict):
     state0 = view.prepare(**inputs)
     batch, seq = state0.hidden.shape[0], state0.hidden.shape[1]
-    heads, head_dim = _attention_width(view.hf_model.config)
+    heads, head_dim = _attention_width(view.layer_config)
     scores = 2 * 2 * batch * heads * seq * seq * head_dim
     head_modules = _head_modules(view, state0)
     head_rows = batch * seq if view.pooling == "none" else batch
@@ -494,7 +497,7 @@ def _decode_setup(view: LayerView, inputs: dict, kv_length: int | None):
             for layer, (keys, values) in zip(cache.layers, saved):
                 layer.keys, layer.values = keys, values
 
-    heads, head_dim = _attention_width(model.config)
+    heads, head_dim = _attention_width(view.layer_config)
     scores = 2 * 2 * batch * heads * 1 * (kv + 1) * head_dim
     state0 = view.prepare(**step_inputs)
     head_modules = _head_modules(view, state0)
