@@ -723,7 +723,8 @@ class LayerView:
         def keep(module, args, out):
             outputs.append(out if isinstance(out, torch.Tensor) else out[0])
 
-        handles = [block.register_forward_hook(_owned(keep)) for block in self.blocks]
+        # one hook per module: a block shared by several layers (ALBERT's layer groups) records each of its calls once
+        handles = [block.register_forward_hook(_owned(keep)) for block in {id(b): b for b in self.blocks}.values()]
         try:
             yield outputs
         finally:

@@ -297,20 +297,32 @@ def test_per_token_exit_runs_with_exits(decoders, family):
 # -- 4. the aligned loss against the model truncated to l blocks ---------------------------------------------
 
 
-def _truncated(model, layers):
+def _truncated(model, layers, total=L):
     """A copy of ``model`` with only its first ``layers`` blocks: its own forward, final norm, head and loss."""
     m = copy.deepcopy(model)
-    n = m.config.num_hidden_layers
-    name = min((name for name, mod in m.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod) == n),
+    name = min((name for name, mod in m.named_modules() if isinstance(mod, torch.nn.ModuleList) and len(mod) == total),
                key=lambda s: s.count("."))
     parent, _, attr = name.rpartition(".")
     holder = m.get_submodule(parent) if parent else m
     setattr(holder, attr, torch.nn.ModuleList(list(getattr(holder, attr))[:layers]))
-    for config in {id(c): c for c in (m.config, getattr(m.base_model, "config", m.config))}.values():
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = config.layer_types[:layers]
+    configs = [getattr(mod, "config", None) for mod in m.modules()]
+    configs += [getattr(c, sub, None) for c in list(configs) for sub in ("vision_config", "text_config")]
+    for config in {id(c): c for c in configs if c is not None}.values():
+        if getattr(config, "num_hidden_layers", None) == total:
+            config.num_hidden_layers = layers
+            if getattr(config, "layer_types", None) is not None:
+                config.layer_types = config.layer_types[:layers]
     return m
+
+
+def _aligned_args(tmp_path):
+    return hf_align.AlignedTrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], disable_tqdm=True,
+                                             save_strategy="no", per_device_train_batch_size=4, use_cpu=True,
+                                             dataloader_num_workers=0, seed=0)
+
+
+def _paper_weights(n):
+    return [2 * l / (n * (n + 1)) for l in range(1, n + 1)]  # the paper's default weights
 
 
 @pytest.mark.parametrize("family", SLOW_PARAMS)
@@ -321,19 +333,54 @@ def test_aligned_loss_equals_truncated_models_losses(tmp_path, family):
     labels = ids.clone()
     labels[::2, -3:] = -100
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()}).with_format("torch")
-    args = hf_align.AlignedTrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], disable_tqdm=True,
-                                             save_strategy="no", per_device_train_batch_size=4, use_cpu=True,
-                                             dataloader_num_workers=0, seed=0)
-    trainer = hf_align.AlignedTrainer(model=model, args=args, train_dataset=data)
+    trainer = hf_align.AlignedTrainer(model=model, args=_aligned_args(tmp_path), train_dataset=data)
     batch = data[:4]
     model.eval()
     ours = trainer.compute_loss(model, dict(batch))
-    weights = [2 * l / (L * (L + 1)) for l in range(1, L + 1)]  # the paper's default weights
     expected = 0.0
     with torch.no_grad():
-        for l, w in enumerate(weights, start=1):
+        for l, w in enumerate(_paper_weights(L), start=1):
             ref = _truncated(model, l).double()
             expected += w * ref(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.item()
+    assert abs(ours.item() - expected) <= 1e-5
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[] if f == "modernbert" else [pytest.mark.slow])
+                                    for f in ("modernbert", "mpnet", "albert", "dinov2", "beit", "clip", "siglip")])
+def test_encoder_aligned_loss_equals_hand_computation(tmp_path, family):
+    model = tiny_encoder(family)
+    view = LayerView(model)
+    n = view.num_layers
+    g = torch.Generator().manual_seed(0)
+    if view.is_vision:
+        size = view.layer_config.image_size
+        columns = {"pixel_values": torch.randn(6, 3, size, size, generator=g).tolist()}
+    else:
+        ids = torch.randint(1, 99, (6, 7), generator=g)
+        mask = torch.ones_like(ids)
+        mask[::3, -2:] = 0
+        ids[mask == 0] = 0
+        columns = {"input_ids": ids.tolist(), "attention_mask": mask.tolist()}
+    columns["labels"] = torch.randint(0, 3, (6,), generator=g).tolist()
+    data = Dataset.from_dict(columns).with_format("torch")
+    trainer = hf_align.AlignedTrainer(model=model, args=_aligned_args(tmp_path), train_dataset=data)
+    batch = dict(data[:4])
+    model.eval()
+    ours = trainer.compute_loss(model, dict(batch))
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    expected = 0.0
+    with torch.no_grad():
+        if family == "albert":  # shared layer groups: the hand formula on the model's own hidden states
+            hidden = model.double()(**{k: v.double() if v.is_floating_point() else v for k, v in inputs.items()},
+                                    output_hidden_states=True).hidden_states[1:]
+            for w, h in zip(_paper_weights(n), hidden):
+                logits = model.classifier(torch.tanh(model.albert.pooler(h[:, 0])))
+                expected += w * F.cross_entropy(logits, batch["labels"]).item()
+        else:  # the model truncated to l blocks: its own head and loss
+            for l, w in enumerate(_paper_weights(n), start=1):
+                ref = _truncated(model, l, n).double()
+                cast = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+                expected += w * ref(**cast, labels=batch["labels"]).loss.item()
     assert abs(ours.item() - expected) <= 1e-5
 
 
