@@ -384,6 +384,34 @@ def test_encoder_aligned_loss_equals_hand_computation(tmp_path, family):
     assert abs(ours.item() - expected) <= 1e-5
 
 
+CLASSIFIERS = [("decoder", f) for f in DECODERS if hasattr(T, DECODER_CLASSES[f] + "ForSequenceClassification")]
+CLASSIFIERS += [("encoder", f) for f in ENCODER_FAMILIES if ENCODER_CLASSES[f][0]]
+
+
+@pytest.mark.parametrize("kind,family", [pytest.param(k, f, marks=[] if f in ("gemma3", "beit", "albert", "opt")
+                                                      else [pytest.mark.slow], id=f) for k, f in CLASSIFIERS])
+def test_classifier_early_exit_at_block_k_is_the_truncated_model(kind, family):
+    """EarlyExitModel at block k (fixed policy) gives the logits of the model truncated to k blocks, for a padded
+    batch, and its exits skip the later blocks."""
+    if kind == "decoder":
+        model = tiny_decoder(family, "ForSequenceClassification")
+    else:
+        model = tiny_encoder(family, dtype=torch.float64)
+    view = LayerView(model)
+    n = view.num_layers
+    inputs = view.example_inputs(batch_size=3, seq_len=7)
+    for k in (1, n - 1):
+        out = hf_align.EarlyExitModel(model, policy="fixed", exit_layer=k)(**inputs)
+        assert out.exit_layers.tolist() == [k] * 3
+        with torch.no_grad():
+            if family == "albert":  # shared groups: the hand formula on the model's own hidden states
+                h = model(**inputs, output_hidden_states=True).hidden_states[k]
+                reference = model.classifier(torch.tanh(model.albert.pooler(h[:, 0])))
+            else:
+                reference = _truncated(model, k, n)(**inputs).logits
+        torch.testing.assert_close(out.logits, reference, rtol=0, atol=1e-10)
+
+
 def test_moe_router_aux_loss_is_the_models():
     """The MoE families' router auxiliary loss, as the model adds it: loss = CE + coef * aux_loss."""
     model = tiny_decoder("mixtral", dtype=torch.float64, output_router_logits=True, router_aux_loss_coef=0.1)
