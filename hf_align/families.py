@@ -99,6 +99,8 @@ class LayerFamily:
             SigLIP, whose base model is the dual text-image model: use their vision towers' families).
         config_path: the attribute of the model's config that configures the blocks, where it is not the config
             itself (CLIP / SigLIP image classifiers: ``"vision_config"``).
+        limits: capability -> a known limit, shown in the support table beside "yes" (e.g. speculative
+            decoding of ALiBi models at batch 1 only).
         inferred: for a family built by the structural fallback, what was inferred (``None`` if registered).
     """
 
@@ -116,6 +118,7 @@ class LayerFamily:
     blocks: Callable[[nn.Module], list[nn.Module]] | None = None
     config_path: str | None = None
     base_model: bool = True
+    limits: dict[str, str] = field(default_factory=dict)
     inferred: str | None = None
 
     @property
@@ -143,6 +146,7 @@ def register_family(
     blocks: Callable[[nn.Module], list[nn.Module]] | None = None,
     config_path: str | None = None,
     base_model: bool = True,
+    limits: dict[str, str] | None = None,
     overwrite: bool = False,
 ) -> LayerFamily:
     """Register a family so that :class:`LayerView` supports it.
@@ -195,6 +199,7 @@ def register_family(
         blocks=blocks,
         config_path=config_path,
         base_model=bool(base_model),
+        limits=dict(limits or {}),
     )
     _REGISTRY[name] = family
     return family
@@ -481,6 +486,14 @@ def _register_decoder_families() -> None:
         ("gpt-neo", ["gpt_neo"], "ln_f", "h", True, None, False),
         ("gpt-j", ["gptj"], "ln_f", "h", True, None, False),
     ]
+    # known limits of speculative decoding (hf_align/generation/speculative.py), shown in the support table
+    window = {"speculative": "within the sliding window"}
+    limits = {
+        "gemma2": window, "gemma3": window,
+        "opt": {"speculative": "not with project_in (word_embed_proj_dim != hidden_size)"},
+        "falcon": {"speculative": "ALiBi configs: batch 1 only"},
+        "bloom": {"speculative": "ALiBi: batch 1 only"},
+    }
     for name, model_types, final, blocks, has_seq, post, moe in table:
         heads = {lm: _lm_head(final, post=post)}
         classifiers = {lm: "lm_head"}
@@ -488,7 +501,8 @@ def _register_decoder_families() -> None:
         if has_seq:
             heads[seq], classifiers[seq], pooling[seq] = _last_token_head(final), "score", "last"
         register_family(name, model_types, heads, classifiers=classifiers, block_paths=(blocks,), pooling=pooling,
-                        final_norm=final, final_norm_in_hidden_states=True, causal=True, flops_counted=not moe)
+                        final_norm=final, final_norm_in_hidden_states=True, causal=True, flops_counted=not moe,
+                        limits=limits.get(name))
 
 
 # -- encoders and vision ---------------------------------------------------------------------------------
@@ -731,7 +745,7 @@ def family_capabilities(family: LayerFamily) -> dict[str, str]:
     has_head = bool(family.heads)
     classifier = seq in family.heads or img in family.heads
     decoder_lm = family.causal and lm in family.heads
-    return {
+    caps = {
         "analysis": "yes",
         "aligned training": "yes" if has_head else "-",
         "classifier early exit": "yes" if classifier else "-",
@@ -739,6 +753,7 @@ def family_capabilities(family: LayerFamily) -> dict[str, str]:
         "per-token exit": "yes" if decoder_lm and get_kv_projection(family.name) is not None else "-",
         "exit costs": ("counted" if family.flops_counted else "not counted") if has_head else "-",
     }
+    return {c: f"{v} ({family.limits[c]})" if v != "-" and c in family.limits else v for c, v in caps.items()}
 
 
 def support_table() -> str:

@@ -69,6 +69,7 @@ __all__ = [
     "LayerFamily",
     "LayerState",
     "LayerView",
+    "PerBlock",
     "register_family",
     "supported_families",
     "get_family",
