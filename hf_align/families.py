@@ -489,11 +489,13 @@ def _register_decoder_families() -> None:
     # known limits of speculative decoding (hf_align/generation/speculative.py), shown in the support table
     window = {"speculative": "within the sliding window"}
     limits = {
-        "gemma2": window, "gemma3": window,
+        "gemma2": window, "gemma3": window, "llama4": {"speculative": "within one attention chunk"},
         "opt": {"speculative": "not with project_in (word_embed_proj_dim != hidden_size)"},
         "falcon": {"speculative": "ALiBi configs: batch 1 only"},
         "bloom": {"speculative": "ALiBi: batch 1 only"},
     }
+    table.append(  # Llama 4 (text): chunked and global attention layers; its causal LM's base_model is itself
+        ("llama4", ["llama4_text"], "model.norm", "model.layers", False, None, True))
     for name, model_types, final, blocks, has_seq, post, moe in table:
         heads = {lm: _lm_head(final, post=post)}
         classifiers = {lm: "lm_head"}
@@ -502,7 +504,7 @@ def _register_decoder_families() -> None:
             heads[seq], classifiers[seq], pooling[seq] = _last_token_head(final), "score", "last"
         register_family(name, model_types, heads, classifiers=classifiers, block_paths=(blocks,), pooling=pooling,
                         final_norm=final, final_norm_in_hidden_states=True, causal=True, flops_counted=not moe,
-                        limits=limits.get(name))
+                        limits=limits.get(name), base_model=name != "llama4")
 
 
 # -- encoders and vision ---------------------------------------------------------------------------------
@@ -893,7 +895,9 @@ def infer_family(model: nn.Module, task: str) -> LayerFamily:
         changed[:, -1] = (changed[:, -1] % (int(text.vocab_size) - 1)) + 1 if text.vocab_size > 2 else 1 - changed[:, -1]
         def first_position(batch):
             out = base(**batch)
-            out = out if isinstance(out, torch.Tensor) else getattr(out, "last_hidden_state", None)
+            if not isinstance(out, torch.Tensor):  # a base model's output, or the model's own logits
+                out = next((v for v in (getattr(out, "last_hidden_state", None), getattr(out, "logits", None))
+                            if v is not None), None)
             return None if out is None else out[:, 0]
 
         try:
@@ -913,6 +917,9 @@ def infer_family(model: nn.Module, task: str) -> LayerFamily:
         if head_module is None or id(head_module) not in names:
             raise InferenceError(f"cannot infer the LM head of {type(model).__name__}: no output embeddings; {how}")
         head_path = names[id(head_module)]
+        if head_path in final:  # the base model is the model itself: the final stage ends before the head
+            final = final[: final.index(head_path)]
+            described[1] = f"final stage {list(final) or 'none'}"
 
         def lm_head(m, hidden, ctx, _final=final, _path=head_path):
             return _generic_logits(m, m.get_submodule(_path)(_final_stage(m.base_model, _final, hidden)))

@@ -435,7 +435,7 @@ class LayerView:
         if check:
             try:
                 self.self_check(check_inputs)
-            except ValueError as error:
+            except Exception as error:  # noqa: BLE001 - an inferred view that fails in any way is refused
                 if family.inferred is None:
                     raise
                 raise ValueError(

@@ -58,6 +58,9 @@ DECODER_FAMILIES = {
                                              eos_token_id=None)),
     "gpt-neo": (T.GPTNeoConfig, dict(pad_token_id=0, max_position_embeddings=64, window_size=4, bos_token_id=None,
                                      eos_token_id=None, attention_types=[[["global", "local"], 2]])),
+    "llama4": (T.Llama4TextConfig, dict(_DEC, **_MOE, head_dim=8, intermediate_size_mlp=40, attention_chunk_size=4,
+                                        num_local_experts=2, interleave_moe_layer_step=2, no_rope_layers=[1, 1, 1, 0],
+                                        bos_token_id=None, eos_token_id=None)),
     "gpt-j": (T.GPTJConfig, dict(pad_token_id=0, n_positions=64, rotary_dim=4, bos_token_id=None, eos_token_id=None)),
 }
 # (family key, transformers class prefix) -> registry family name where they differ
@@ -66,7 +69,7 @@ DECODER_CLASSES = {
     "olmo": "Olmo", "olmo2": "Olmo2", "gpt-neox": "GPTNeoX", "opt": "OPT", "falcon": "Falcon", "falcon-alibi": "Falcon",
     "stablelm": "StableLm", "granite": "Granite", "starcoder2": "Starcoder2", "mixtral": "Mixtral",
     "qwen2-moe": "Qwen2Moe", "qwen3-moe": "Qwen3Moe", "cohere": "Cohere", "bloom": "Bloom",
-    "gpt-bigcode": "GPTBigCode", "gpt-neo": "GPTNeo", "gpt-j": "GPTJ",
+    "gpt-bigcode": "GPTBigCode", "gpt-neo": "GPTNeo", "gpt-j": "GPTJ", "llama4": "Llama4",
 }
 ENCODER_FAMILIES = {
     "modernbert": (T.ModernBertConfig, dict(vocab_size=99, pad_token_id=0, global_attn_every_n_layers=2,
