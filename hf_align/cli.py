@@ -396,11 +396,12 @@ def _tiny_family_model(name: str):
 def cmd_layers(args: LayersArguments) -> int:
     import transformers
 
-    from .families import _supported_text
+    from .families import _supported_text, support_table
     from .layers import LayerView
 
-    if args.list_families:
-        print(_supported_text())
+    if args.list_families:  # the support table, generated from the registry (also in docs/layers.md)
+        print(support_table())
+        print(f"\nFamilies (model types: tasks): {_supported_text()}")
         return 0
     name = args.model_name_or_path
     if not name:

@@ -172,8 +172,11 @@ def block_linear_flops_per_token(block: nn.Module) -> int:
 
 def _conv_flops(module: nn.Conv2d, height: int, width: int, batch: int) -> int:
     out_hw = []
-    for size, k, s, p, d in zip((height, width), module.kernel_size, module.stride, module.padding, module.dilation):
-        out_hw.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    padding = module.padding
+    if isinstance(padding, str):  # "valid": none; "same": the output keeps the input size (stride 1)
+        padding = (0, 0) if padding == "valid" else None
+    for i, (size, k, s, d) in enumerate(zip((height, width), module.kernel_size, module.stride, module.dilation)):
+        out_hw.append(size if padding is None else (size + 2 * padding[i] - d * (k - 1) - 1) // s + 1)
     per_pixel = 2 * module.out_channels * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return batch * out_hw[0] * out_hw[1] * per_pixel
 
@@ -245,8 +248,9 @@ class ExitCostTable:
                   "latency (ms)", "speed-up", "peak mem (MB)", self.throughput_unit]
         lines = [self.describe(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in self.rows:
-            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", f"{r['flops_analytic']:.4g}",
-                     f"{r['flops_rel_err']:.2%}", f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
+            analytic = "not counted" if r["flops_analytic"] is None else f"{r['flops_analytic']:.4g}"
+            rel = "-" if r["flops_rel_err"] is None else f"{r['flops_rel_err']:.2%}"
+            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", analytic, rel, f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
                      f"{r['speedup']:.2f}x", f"{r['peak_memory_mb']:.3f}", f"{r['throughput']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if self.notes:
@@ -267,7 +271,8 @@ def plot_exit_costs(table: ExitCostTable, path: str | None = None):
     depth = table.column("exit_layer")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot(depth, table.column("flops"), "o-", label="counted")
-    axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
+    if all(v is not None for v in table.column("flops_analytic")):
+        axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
     axes[0].set_ylabel("FLOPs per call")
     axes[0].legend()
     axes[1].plot(depth, table.column("latency_ms"), "o-")
@@ -389,6 +394,7 @@ def exit_costs(
         bar.close()
 
     full_latency = statistics.median(times[L])
+    counted = view.family.flops_counted  # False: the analytic count does not hold (mixture-of-experts routing)
     rows = []
     for d in depths:
         latency = statistics.median(times[d])
@@ -396,8 +402,8 @@ def exit_costs(
             "exit_layer": d,
             "blocks_run": d,
             "flops": flops[d],
-            "flops_analytic": analytic(d),
-            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d),
+            "flops_analytic": analytic(d) if counted else None,
+            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d) if counted else None,
             "flops_fraction": flops[d] / flops[L],
             "latency_ms": 1e3 * latency,
             "speedup": full_latency / latency,
@@ -407,6 +413,10 @@ def exit_costs(
     unit = "tokens/s" if lm else "samples/s"
     notes = ["FLOPs include the embeddings and the head once at the exit; element-wise work is not counted.",
              "peak memory: tensors created during the call (weights, inputs and a pre-filled KV cache excluded)."]
+    if not counted:
+        notes.append(f"analytic FLOPs not counted for family {view.family.name!r} (its blocks do work the shape walk "
+                     "does not see: mixture-of-experts routing, relative-position attention); the counted FLOPs are "
+                     "measured.")
     return ExitCostTable(rows=rows, model=type(view.hf_model).__name__, task=view.task, mode=mode, batch_size=batch,
                          seq_len=seq, kv_length=kv, repeats=repeats, throughput_unit=unit, device=str(view.device),
                          notes=notes)
@@ -446,7 +456,7 @@ def _embedding_flops(view: LayerView, inputs: dict, batch: int, tokens: int) -> 
 def _forward_setup(view: LayerView, inputs: dict):
     state0 = view.prepare(**inputs)
     batch, seq = state0.hidden.shape[0], state0.hidden.shape[1]
-    heads, head_dim = _attention_width(view.hf_model.config)
+    heads, head_dim = _attention_width(view.layer_config)
     scores = 2 * 2 * batch * heads * seq * seq * head_dim
     head_modules = _head_modules(view, state0)
     head_rows = batch * seq if view.pooling == "none" else batch
@@ -487,7 +497,7 @@ def _decode_setup(view: LayerView, inputs: dict, kv_length: int | None):
             for layer, (keys, values) in zip(cache.layers, saved):
                 layer.keys, layer.values = keys, values
 
-    heads, head_dim = _attention_width(model.config)
+    heads, head_dim = _attention_width(view.layer_config)
     scores = 2 * 2 * batch * heads * 1 * (kv + 1) * head_dim
     state0 = view.prepare(**step_inputs)
     head_modules = _head_modules(view, state0)
