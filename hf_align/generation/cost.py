@@ -15,6 +15,8 @@
   - attention scores and weighted sum per block: ``2 * 2 * B * H * T_q * T_k * d_head`` with ``H * d_head``
     from the config (``num_attention_heads``, ``head_dim`` or ``hidden_size / num_attention_heads``); the
     whole T_q x T_k rectangle is counted, as the kernels compute it (causal masking saves nothing on CPU);
+    when decoding, T_k is what block j's cache holds plus the new position (a sliding-window or chunked layer's
+    cache keeps only its window);
   - the head (the linear layers the model's own head calls, found by running it once): ``2 * in * out`` per
     pooled row (B for CLS / last-token heads, every position for LM heads);
   - the embedding stage: lookups are free; a patch-embedding ``Conv2d`` costs
@@ -422,10 +424,14 @@ def exit_costs(
                          notes=notes)
 
 
-def _analytic(view: LayerView, tokens_per_block: int, scores_per_block: int, head_modules, head_rows: int,
-              embedding_flops: int):
-    """Build ``depth -> analytic FLOPs`` (see the module docstring)."""
-    per_block = [block_linear_flops_per_token(b) * tokens_per_block + scores_per_block for b in view.blocks]
+def _analytic(view: LayerView, tokens_per_block: int, scores_per_block: int | Sequence[int], head_modules,
+              head_rows: int, embedding_flops: int):
+    """Build ``depth -> analytic FLOPs`` (see the module docstring); ``scores_per_block``: one count for every
+    block, or one per block (decoding with sliding-window layers, whose cache holds fewer keys)."""
+    if isinstance(scores_per_block, int):
+        scores_per_block = [scores_per_block] * len(view.blocks)
+    per_block = [block_linear_flops_per_token(b) * tokens_per_block + scores
+                 for b, scores in zip(view.blocks, scores_per_block)]
     head = sum(2 * s[0] * s[1] * head_rows for m in head_modules if (s := _linear_shape(m)) is not None)
 
     def analytic(depth: int) -> int:
@@ -498,7 +504,11 @@ def _decode_setup(view: LayerView, inputs: dict, kv_length: int | None):
                 layer.keys, layer.values = keys, values
 
     heads, head_dim = _attention_width(view.layer_config)
-    scores = 2 * 2 * batch * heads * 1 * (kv + 1) * head_dim
+    # the new position attends to the keys block j's cache holds plus its own: kv + 1, or the window for a
+    # sliding-window / chunked layer, whose cache keeps only the last window - 1 keys
+    key_lengths = [(keys.shape[-2] if keys is not None else kv) + 1 for keys, _ in saved]
+    key_lengths += [kv + 1] * (len(view.blocks) - len(key_lengths))
+    scores = [2 * 2 * batch * heads * 1 * keys * head_dim for keys in key_lengths]
     state0 = view.prepare(**step_inputs)
     head_modules = _head_modules(view, state0)
     analytic = _analytic(view, batch, scores, head_modules, batch, _embedding_flops(view, step_inputs, batch, batch))
