@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -46,11 +47,14 @@ from .families import (  # noqa: F401
     BASE_TASK,
     TASKS,
     HeadContext,
+    InferenceError,
     LayerFamily,
+    _final_stage,
     _supported_text,
     cls_token,
     get_family,
     get_kv_projection,
+    infer_family,
     kv_projection_families,
     last_non_pad_token,
     register_family,
@@ -65,6 +69,7 @@ __all__ = [
     "LayerFamily",
     "LayerState",
     "LayerView",
+    "PerBlock",
     "register_family",
     "supported_families",
     "get_family",
@@ -138,8 +143,32 @@ def _task_of(model: nn.Module) -> str | None:
     return None
 
 
+class PerBlock(tuple):
+    """A block argument whose value differs between blocks (hybrid attention: Gemma 2/3's sliding and global
+    masks, per-layer-type rotary tables): element ``i`` is what the model passes to block ``i + 1``
+    (:data:`ABSENT` where it passes that block nothing under this name). Arguments that every block gets
+    unchanged stay plain values; :meth:`LayerView.run_block` gives block l its own element."""
+
+    def __repr__(self) -> str:
+        return f"PerBlock({tuple.__repr__(self)})"
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()  # a PerBlock element for a block that does not get this argument
+
+
+def _at_block(value: Any, index: int) -> Any:
+    return value[index] if isinstance(value, PerBlock) else value
+
+
 def _row_select(value: Any, index: torch.Tensor, batch: int) -> Any:
     """Index the batch dimension of every tensor (recursively in tuples/lists/dicts) whose dim 0 is ``batch``."""
+    if isinstance(value, PerBlock):
+        return PerBlock(_row_select(v, index, batch) for v in value)
     if isinstance(value, torch.Tensor):
         return value[index] if value.dim() > 0 and value.shape[0] == batch else value
     if isinstance(value, tuple):
@@ -151,13 +180,107 @@ def _row_select(value: Any, index: torch.Tensor, batch: int) -> Any:
     return value
 
 
+def _split_hidden(args: tuple, kwargs: dict) -> tuple[torch.Tensor, tuple, dict]:
+    """A block call's (args, kwargs) -> (hidden states, other args, other kwargs)."""
+    kwargs = dict(kwargs)
+    if args:
+        return args[0], tuple(args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return kwargs.pop("hidden_states"), (), kwargs
+    raise RuntimeError("could not find the hidden states among the first block's arguments")
+
+
+def _same_object(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and isinstance(a, (int, float, bool, str)) and a == b)
+
+
+def _merge_block_arguments(calls: list[tuple[tuple, dict]]) -> tuple[tuple, dict]:
+    """Every block's (args, kwargs) -> one (args, kwargs) where values differing between blocks are PerBlock."""
+    first_args, first_kwargs = calls[0]
+    if any(len(a) != len(first_args) for a, _ in calls):
+        raise RuntimeError("the model passes its blocks different numbers of positional arguments; cannot run them")
+
+    def merge(values: list[Any]) -> Any:
+        if all(_same_object(v, values[0]) for v in values):
+            return values[0]
+        return PerBlock(values)
+
+    args = tuple(merge([a[i] for a, _ in calls]) for i in range(len(first_args)))
+    keys = list(dict.fromkeys(k for _, kw in calls for k in kw))
+    kwargs = {k: merge([kw.get(k, ABSENT) for _, kw in calls]) for k in keys}
+    return args, kwargs
+
+
+def _output_kind(out: Any) -> Any:
+    """What a block returns: "tensor", or the length of the tuple whose first element is the hidden state."""
+    if isinstance(out, torch.Tensor):
+        return "tensor"
+    if type(out) is tuple:
+        return len(out)
+    return "other"  # a ModelOutput or anything else: blocks are run for real when capturing
+
+
+_PASS_LOCK = threading.Lock()
+_PASS_USERS: dict[int, int] = {}  # id(block) -> number of captures in flight that switched its class
+_PASS_CLASSES: dict[type, type] = {}
+_PASS_LOCAL = threading.local()
+
+
+def _passing_call(self, *args, **kwargs):
+    """``__call__`` of a block while the view captures block arguments: in the capturing thread the capture's
+    own function gets the call (before any hook: the block does not run and nobody sees a call); in every other
+    thread it is the block's ordinary ``__call__``."""
+    plan = getattr(_PASS_LOCAL, "plan", None)
+    record = plan.get(id(self)) if plan else None
+    base = type(self).__bases__[0]
+    if record is None:
+        return base.__call__(self, *args, **kwargs)
+    return record(lambda: base.__call__(self, *args, **kwargs), args, kwargs)
+
+
+def _passing_class(cls: type) -> type:
+    sub = _PASS_CLASSES.get(cls)
+    if sub is None:
+        sub = type(cls.__name__, (cls,), {"__call__": _passing_call, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__, "_hf_align_passing": True})
+        _PASS_CLASSES[cls] = sub
+    return sub
+
+
+@contextlib.contextmanager
+def _capturing(blocks: list[nn.Module], record: Callable) -> Iterator[None]:
+    """Within the block, every call of one of ``blocks`` in this thread goes to ``record(run, args, kwargs)``
+    (``run()`` runs the block for real) instead of the block. The blocks' classes are switched to a subclass
+    that dispatches per thread (reference counted over concurrent captures) and switched back afterwards."""
+    with _PASS_LOCK:
+        for block in blocks:
+            if _PASS_USERS.get(id(block), 0) == 0 and not getattr(type(block), "_hf_align_passing", False):
+                block.__class__ = _passing_class(type(block))
+            _PASS_USERS[id(block)] = _PASS_USERS.get(id(block), 0) + 1
+    saved = getattr(_PASS_LOCAL, "plan", None)
+    _PASS_LOCAL.plan = {**(saved or {}), **{id(b): record for b in blocks}}
+    try:
+        yield
+    finally:
+        _PASS_LOCAL.plan = saved
+        with _PASS_LOCK:
+            for block in blocks:
+                _PASS_USERS[id(block)] -= 1
+                if _PASS_USERS[id(block)] == 0:
+                    del _PASS_USERS[id(block)]
+                    if getattr(type(block), "_hf_align_passing", False):
+                        block.__class__ = type(block).__bases__[0]
+
+
 @dataclass
 class LayerState:
     """A batch in flight between blocks.
 
     ``hidden`` (B, T, D) is the output of block ``depth`` (the embedding output when ``depth == 0``);
-    ``block_args``/``block_kwargs`` are what the model itself passes to each block (captured from its own
-    forward); ``context`` is what the head needs.
+    ``block_args``/``block_kwargs`` are what the model itself passes to its blocks (captured from its own
+    forward); an argument that differs between blocks is a :class:`PerBlock` tuple (element l-1 for block l),
+    so a state stays valid whatever its ``depth`` (``dataclasses.replace(state, depth=k)`` works);
+    :meth:`arguments_of` gives one block's own arguments. ``context`` is what the head needs.
     """
 
     hidden: torch.Tensor
@@ -172,6 +295,8 @@ class LayerState:
         values of ``block_kwargs``). ``fn`` gets each leaf value and returns its replacement."""
 
         def walk(value: Any) -> Any:
+            if isinstance(value, PerBlock):  # each block's own value (absent entries stay absent)
+                return PerBlock(v if v is ABSENT else walk(v) for v in value)
             if isinstance(value, tuple):
                 return tuple(walk(v) for v in value)
             if isinstance(value, list):
@@ -182,8 +307,26 @@ class LayerState:
                        block_kwargs={key: walk(value) for key, value in self.block_kwargs.items()})
 
     def arguments(self) -> list[Any]:
-        """Every block argument (positional, then keyword values), for inspection."""
-        return [*self.block_args, *self.block_kwargs.values()]
+        """Every block argument (positional, then keyword values), for inspection; a :class:`PerBlock` argument
+        contributes each block's value once (in block order, identical values once)."""
+        out: list[Any] = []
+        for value in [*self.block_args, *self.block_kwargs.values()]:
+            if isinstance(value, PerBlock):
+                seen: list[Any] = []
+                for v in value:
+                    if v is not ABSENT and not any(v is w for w in seen):
+                        seen.append(v)
+                out.extend(seen)
+            else:
+                out.append(value)
+        return out
+
+    def arguments_of(self, layer: int) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` the model passes to block ``layer`` (1-based), hidden states excluded."""
+        index = layer - 1
+        args = tuple(_at_block(v, index) for v in self.block_args)
+        kwargs = {k: _at_block(v, index) for k, v in self.block_kwargs.items()}
+        return args, {k: v for k, v in kwargs.items() if v is not ABSENT}
 
     @property
     def batch_size(self) -> int:
@@ -260,14 +403,16 @@ class LayerView:
             "(see docs/layers.md)."
         )
         family = get_family(model_type) if model_type else None
-        if family is None:
-            raise ValueError(
-                f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} "
-                f"(config.model_type={model_type!r}). Supported families: {_supported_text()}. {how}"
-            )
         task = _task_of(self.hf_model)
         if task is None and getattr(self.hf_model, "base_model", None) is self.hf_model:
             task = BASE_TASK  # a head-less base model
+        if family is None:
+            family = self._inferred_family(model_type, task, how)
+        if task == BASE_TASK and not family.base_model:
+            raise ValueError(
+                f"{type(self.hf_model).__name__} is the base model of family {family.name!r}, which is supported only "
+                f"with its heads {list(family.heads)}. Supported families: {_supported_text()}. {how}"
+            )
         if task != BASE_TASK and task not in family.heads:
             raise ValueError(
                 f"{type(self.hf_model).__name__} is a {family.name} model, but its head type ({task or 'unknown'}) "
@@ -277,20 +422,61 @@ class LayerView:
         self.family = family
         self.task = task
         self.base = self.hf_model.base_model
-        self.num_layers = int(config.num_hidden_layers)
+        # the configuration of the blocks: the model's own, or a sub-configuration (CLIP's vision_config)
+        self.layer_config = getattr(config, family.config_path) if family.config_path else config
+        self.num_layers = int(self.layer_config.num_hidden_layers)
         self.blocks = self._find_blocks()
+        self._output_kind: Any = None  # what a block returns (learned on the first capture, see prepare)
         self._head_fn = family.heads.get(task)
         if atol is None:
             atol = 1e-5 if self.dtype == torch.float32 else (5e-2 if self.dtype in (torch.float16, torch.bfloat16) else 1e-9)
         self.atol = float(atol)
         self.last_check_diff: float | None = None
         if check:
-            self.self_check(check_inputs)
+            try:
+                self.self_check(check_inputs)
+            except Exception as error:  # noqa: BLE001 - an inferred view that fails in any way is refused
+                if family.inferred is None:
+                    raise
+                raise ValueError(
+                    f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} (config.model_type="
+                    f"{model_type!r}); it inferred a layer view by structure ({family.inferred}), but it does not "
+                    f"reproduce the model: {error} Register the family with hf_align.register_family(name, "
+                    "model_types=[...], heads={task: fn}) (see docs/layers.md)."
+                ) from None
+            if family.inferred is not None:
+                warnings.warn(
+                    f"hf_align: {type(self.hf_model).__name__} (model_type {model_type!r}) is not a registered family; "
+                    f"inferred by structure: {family.inferred}. Kept: the self-check reproduces the model's own "
+                    f"outputs (max abs diff {self.last_check_diff:.2e}). Register the family to make this explicit.",
+                    stacklevel=2,
+                )
+        elif family.inferred is not None:
+            raise ValueError(f"{type(self.hf_model).__name__} is not a registered family; an inferred view "
+                             f"({family.inferred}) is kept only after its self-check, so check=False is refused")
 
     # -- structure -------------------------------------------------------------------------------------
 
+    def _inferred_family(self, model_type: str | None, task: str | None, how: str) -> LayerFamily:
+        """The structural fallback (:func:`hf_align.families.infer_family`) for an unregistered model type."""
+        unsupported = (f"hf_align has no layer-view adapter for {type(self.hf_model).__name__} "
+                       f"(config.model_type={model_type!r}) and")
+        if getattr(self.hf_model, "config", None) is None or task is None:
+            raise ValueError(f"{unsupported} its head type is unknown. Supported families: {_supported_text()}. {how}")
+        try:
+            family = infer_family(self.hf_model, task)
+        except InferenceError as error:
+            raise ValueError(f"{unsupported} the structural fallback failed: {error}. Supported families: "
+                             f"{_supported_text()}.") from None
+        return family
+
     def _find_blocks(self) -> nn.ModuleList:
         n = self.num_layers
+        if self.family.blocks is not None:  # L block applications that are not one ModuleList (shared layers)
+            blocks = list(self.family.blocks(self.base))
+            if len(blocks) != n:
+                raise ValueError(f"family {self.family.name!r} gave {len(blocks)} blocks, expected {n}")
+            return nn.ModuleList(blocks)
         for path in self.family.block_paths:
             try:
                 module = self.base.get_submodule(path)
@@ -323,10 +509,13 @@ class LayerView:
     def pooling(self) -> str:
         """How the model's head pools tokens: "cls", "last" or "none" (per-token LM head). For a head-less
         base model: the pooling of the family's own classifier ("cls" for encoders and ViT, "last" for
-        decoders)."""
+        decoders; "mean" where the family's classifier averages tokens). A family may declare it per
+        configuration (a callable ``config -> str``, e.g. ModernBERT's ``classifier_pooling``)."""
+        values = [p(self.hf_model.config) if callable(p) else p for p in self.family.pooling.values()]
         if self.task == BASE_TASK:
-            return next((p for p in self.family.pooling.values() if p != "none"), "cls")
-        return self.family.pooling.get(self.task, "cls")
+            return next((p for p in values if p != "none"), "cls")
+        pooling = self.family.pooling.get(self.task, "cls")
+        return pooling(self.hf_model.config) if callable(pooling) else pooling
 
     @property
     def has_head(self) -> bool:
@@ -370,6 +559,8 @@ class LayerView:
     def describe(self) -> str:
         """A short human-readable description (what ``hf-align layers`` prints)."""
         lines = [repr(self)]
+        if self.family.inferred is not None:
+            lines.append(f"  inferred by structure (not registered): {self.family.inferred}")
         names = {id(m): n for n, m in self.hf_model.named_modules()}
         lines.append(f"  blocks: {names.get(id(self.blocks), '?')} ({len(self.blocks)} x {type(self.blocks[0]).__name__})")
         try:
@@ -406,7 +597,7 @@ class LayerView:
 
     def example_inputs(self, batch_size: int = 2, seq_len: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
         """A small synthetic batch for this model (padded where the head's pooling depends on padding)."""
-        config = self.hf_model.config
+        config = self.layer_config if self.is_vision else self.hf_model.config
         generator = torch.Generator().manual_seed(seed)
         if self.is_vision:
             size = config.image_size
@@ -434,35 +625,49 @@ class LayerView:
     def prepare(self, **inputs: Any) -> LayerState:
         """Run the model's own forward up to its first block; return the state before block 1.
 
-        A pre-hook on the first block captures the arguments the model prepared for its blocks and stops the
-        forward; nothing after the embeddings runs. The hook is removed whatever happens.
+        The arguments the model prepares for *each* block are captured (hybrid models give sliding and global
+        layers different masks and rotary tables): while the model's forward runs, each call of a block in this
+        thread is recorded and answered with its input hidden state (the block does not run, and no hook of the
+        block sees a call), and the forward stops at block L's call, so nothing after the embeddings and the
+        model's own mask / position preparation runs. Arguments that differ between blocks become
+        :class:`PerBlock` tuples. The very first capture of a view runs blocks 1..L-1 for real, once, to learn
+        what a block returns. Other threads using the model meanwhile see ordinary blocks.
         """
         model_inputs = self._model_inputs(inputs)
-        captured: dict[str, Any] = {}
+        calls: list[tuple[tuple, dict]] = []
+        n = self.num_layers
+        kind = self._output_kind
 
-        def capture(module, args, kwargs):
-            captured["args"], captured["kwargs"] = args, kwargs
-            raise _StopForward
+        def record(run, args, kwargs):
+            calls.append((args, kwargs))
+            if len(calls) >= n:
+                raise _StopForward
+            if kind is None or kind == "other":  # the first capture runs the blocks and learns what they return
+                out = run()
+                if self._output_kind is None:
+                    self._output_kind = _output_kind(out)
+                return out
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return hidden if kind == "tensor" else (hidden, *([None] * (kind - 1)))
 
-        handle = self.blocks[0].register_forward_pre_hook(_owned(capture), with_kwargs=True)
+        modules = list({id(b): b for b in self.blocks}.values())
         try:
-            self.hf_model(**model_inputs)
+            with _capturing(modules, record):
+                self.hf_model(**model_inputs)
         except _StopForward:
             pass
-        finally:
-            handle.remove()
-        if not captured:
+        if not calls:
             raise RuntimeError(
                 f"{type(self.hf_model).__name__}'s forward finished without calling its first block; cannot build "
                 "the layer states"
             )
-        args, kwargs = captured["args"], dict(captured["kwargs"])
-        if args:
-            hidden, args = args[0], tuple(args[1:])
-        elif "hidden_states" in kwargs:
-            hidden = kwargs.pop("hidden_states")
-        else:
-            raise RuntimeError("could not find the hidden states among the first block's arguments")
+        if len(calls) != n:
+            raise RuntimeError(
+                f"{type(self.hf_model).__name__}'s forward called its blocks {len(calls)} times, expected {n}; "
+                "cannot capture every block's arguments"
+            )
+        hidden = _split_hidden(*calls[0])[0]
+        args, kwargs = _merge_block_arguments([_split_hidden(*c)[1:] for c in calls])
         return LayerState(
             hidden=hidden,
             depth=0,
@@ -473,10 +678,12 @@ class LayerView:
         )
 
     def run_block(self, state: LayerState) -> LayerState:
-        """Run the next block (number ``state.depth + 1``) on the state; the state is not modified."""
+        """Run the next block (number ``state.depth + 1``) on the state, with that block's own arguments; the
+        state is not modified."""
         if state.depth >= self.num_layers:
             raise ValueError(f"the state is already after the last block ({self.num_layers})")
-        out = self.blocks[state.depth](state.hidden, *state.block_args, **state.block_kwargs)
+        args, kwargs = state.arguments_of(state.depth + 1)
+        out = self.blocks[state.depth](state.hidden, *args, **kwargs)
         if not isinstance(out, torch.Tensor):  # tuples and ModelOutputs: hidden states first
             out = out[0]
         return replace(state, hidden=out, depth=state.depth + 1)
@@ -517,7 +724,8 @@ class LayerView:
         def keep(module, args, out):
             outputs.append(out if isinstance(out, torch.Tensor) else out[0])
 
-        handles = [block.register_forward_hook(_owned(keep)) for block in self.blocks]
+        # one hook per module: a block shared by several layers (ALBERT's layer groups) records each of its calls once
+        handles = [block.register_forward_hook(_owned(keep)) for block in {id(b): b for b in self.blocks}.values()]
         try:
             yield outputs
         finally:
@@ -530,9 +738,7 @@ class LayerView:
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         """The base model's final norm (``family.final_norm``) applied to a hidden state; identity if none."""
-        if self.family.final_norm is None:
-            return hidden
-        return self.base.get_submodule(self.family.final_norm)(hidden)
+        return _final_stage(self.base, self.family.final_norm, hidden)
 
     def output_hidden_states(self, **inputs: Any) -> tuple[torch.Tensor, ...]:
         """L+1 hidden states as the model's own ``output_hidden_states=True`` returns them: like

@@ -273,11 +273,11 @@ def test_embedded_default_with_a_fresh_model(tmp_path, capsys):
 
 
 def test_unknown_model_family(tmp_path, capsys):
-    T.AlbertConfig(num_labels=2).save_pretrained(tmp_path / "albert")
+    T.FunnelConfig(num_labels=2).save_pretrained(tmp_path / "albert")  # a family hf-align does not register
     csv = write_csv(tmp_path / "d.csv", colour_texts(6, 0))
     assert main(["train", "--model_name_or_path", str(tmp_path / "albert"), "--dataset_name", csv,
                  "--output_dir", str(tmp_path / "out")]) == 2
-    one_line_error(capsys, "hf-align train: error: unknown model family", "model_type='albert'", "bert (bert:")
+    one_line_error(capsys, "hf-align train: error: unknown model family", "model_type='funnel'", "bert (bert:")
     assert not (tmp_path / "out").exists()
 
 

@@ -293,10 +293,12 @@ def _tiny_family_model(name: str):
 def cmd_layers(args: LayersArguments) -> int:
     import transformers
 
+    from ..families import support_table
     from ..layers import LayerView
 
-    if args.list_families:
-        print(supported_text())
+    if args.list_families:  # the support table, generated from the registry (also in docs/layers.md)
+        print(support_table())
+        print(f"\nFamilies (model types: tasks): {supported_text()}")
         return 0
     name = args.model_name_or_path
     if not name:

@@ -15,6 +15,8 @@
   - attention scores and weighted sum per block: ``2 * 2 * B * H * T_q * T_k * d_head`` with ``H * d_head``
     from the config (``num_attention_heads``, ``head_dim`` or ``hidden_size / num_attention_heads``); the
     whole T_q x T_k rectangle is counted, as the kernels compute it (causal masking saves nothing on CPU);
+    when decoding, T_k is what block j's cache holds plus the new position (a sliding-window or chunked layer's
+    cache keeps only its window);
   - the head (the linear layers the model's own head calls, found by running it once): ``2 * in * out`` per
     pooled row (B for CLS / last-token heads, every position for LM heads);
   - the embedding stage: lookups are free; a patch-embedding ``Conv2d`` costs
@@ -172,8 +174,11 @@ def block_linear_flops_per_token(block: nn.Module) -> int:
 
 def _conv_flops(module: nn.Conv2d, height: int, width: int, batch: int) -> int:
     out_hw = []
-    for size, k, s, p, d in zip((height, width), module.kernel_size, module.stride, module.padding, module.dilation):
-        out_hw.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+    padding = module.padding
+    if isinstance(padding, str):  # "valid": none; "same": the output keeps the input size (stride 1)
+        padding = (0, 0) if padding == "valid" else None
+    for i, (size, k, s, d) in enumerate(zip((height, width), module.kernel_size, module.stride, module.dilation)):
+        out_hw.append(size if padding is None else (size + 2 * padding[i] - d * (k - 1) - 1) // s + 1)
     per_pixel = 2 * module.out_channels * (module.in_channels // module.groups) * math.prod(module.kernel_size)
     return batch * out_hw[0] * out_hw[1] * per_pixel
 
@@ -245,8 +250,9 @@ class ExitCostTable:
                   "latency (ms)", "speed-up", "peak mem (MB)", self.throughput_unit]
         lines = [self.describe(), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for r in self.rows:
-            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", f"{r['flops_analytic']:.4g}",
-                     f"{r['flops_rel_err']:.2%}", f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
+            analytic = "not counted" if r["flops_analytic"] is None else f"{r['flops_analytic']:.4g}"
+            rel = "-" if r["flops_rel_err"] is None else f"{r['flops_rel_err']:.2%}"
+            cells = [str(r["exit_layer"]), str(r["blocks_run"]), f"{r['flops']:.4g}", analytic, rel, f"{r['flops_fraction']:.3f}", f"{r['latency_ms']:.3f}",
                      f"{r['speedup']:.2f}x", f"{r['peak_memory_mb']:.3f}", f"{r['throughput']:.1f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if self.notes:
@@ -267,7 +273,8 @@ def plot_exit_costs(table: ExitCostTable, path: str | None = None):
     depth = table.column("exit_layer")
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     axes[0].plot(depth, table.column("flops"), "o-", label="counted")
-    axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
+    if all(v is not None for v in table.column("flops_analytic")):
+        axes[0].plot(depth, table.column("flops_analytic"), "x--", label="analytic")
     axes[0].set_ylabel("FLOPs per call")
     axes[0].legend()
     axes[1].plot(depth, table.column("latency_ms"), "o-")
@@ -389,6 +396,7 @@ def exit_costs(
         bar.close()
 
     full_latency = statistics.median(times[L])
+    counted = view.family.flops_counted  # False: the analytic count does not hold (mixture-of-experts routing)
     rows = []
     for d in depths:
         latency = statistics.median(times[d])
@@ -396,8 +404,8 @@ def exit_costs(
             "exit_layer": d,
             "blocks_run": d,
             "flops": flops[d],
-            "flops_analytic": analytic(d),
-            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d),
+            "flops_analytic": analytic(d) if counted else None,
+            "flops_rel_err": abs(flops[d] - analytic(d)) / analytic(d) if counted else None,
             "flops_fraction": flops[d] / flops[L],
             "latency_ms": 1e3 * latency,
             "speedup": full_latency / latency,
@@ -407,15 +415,23 @@ def exit_costs(
     unit = "tokens/s" if lm else "samples/s"
     notes = ["FLOPs include the embeddings and the head once at the exit; element-wise work is not counted.",
              "peak memory: tensors created during the call (weights, inputs and a pre-filled KV cache excluded)."]
+    if not counted:
+        notes.append(f"analytic FLOPs not counted for family {view.family.name!r} (its blocks do work the shape walk "
+                     "does not see: mixture-of-experts routing, relative-position attention); the counted FLOPs are "
+                     "measured.")
     return ExitCostTable(rows=rows, model=type(view.hf_model).__name__, task=view.task, mode=mode, batch_size=batch,
                          seq_len=seq, kv_length=kv, repeats=repeats, throughput_unit=unit, device=str(view.device),
                          notes=notes)
 
 
-def _analytic(view: LayerView, tokens_per_block: int, scores_per_block: int, head_modules, head_rows: int,
-              embedding_flops: int):
-    """Build ``depth -> analytic FLOPs`` (see the module docstring)."""
-    per_block = [block_linear_flops_per_token(b) * tokens_per_block + scores_per_block for b in view.blocks]
+def _analytic(view: LayerView, tokens_per_block: int, scores_per_block: int | Sequence[int], head_modules,
+              head_rows: int, embedding_flops: int):
+    """Build ``depth -> analytic FLOPs`` (see the module docstring); ``scores_per_block``: one count for every
+    block, or one per block (decoding with sliding-window layers, whose cache holds fewer keys)."""
+    if isinstance(scores_per_block, int):
+        scores_per_block = [scores_per_block] * len(view.blocks)
+    per_block = [block_linear_flops_per_token(b) * tokens_per_block + scores
+                 for b, scores in zip(view.blocks, scores_per_block)]
     head = sum(2 * s[0] * s[1] * head_rows for m in head_modules if (s := _linear_shape(m)) is not None)
 
     def analytic(depth: int) -> int:
@@ -446,7 +462,7 @@ def _embedding_flops(view: LayerView, inputs: dict, batch: int, tokens: int) -> 
 def _forward_setup(view: LayerView, inputs: dict):
     state0 = view.prepare(**inputs)
     batch, seq = state0.hidden.shape[0], state0.hidden.shape[1]
-    heads, head_dim = _attention_width(view.hf_model.config)
+    heads, head_dim = _attention_width(view.layer_config)
     scores = 2 * 2 * batch * heads * seq * seq * head_dim
     head_modules = _head_modules(view, state0)
     head_rows = batch * seq if view.pooling == "none" else batch
@@ -487,8 +503,12 @@ def _decode_setup(view: LayerView, inputs: dict, kv_length: int | None):
             for layer, (keys, values) in zip(cache.layers, saved):
                 layer.keys, layer.values = keys, values
 
-    heads, head_dim = _attention_width(model.config)
-    scores = 2 * 2 * batch * heads * 1 * (kv + 1) * head_dim
+    heads, head_dim = _attention_width(view.layer_config)
+    # the new position attends to the keys block j's cache holds plus its own: kv + 1, or the window for a
+    # sliding-window / chunked layer, whose cache keeps only the last window - 1 keys
+    key_lengths = [(keys.shape[-2] if keys is not None else kv) + 1 for keys, _ in saved]
+    key_lengths += [kv + 1] * (len(view.blocks) - len(key_lengths))
+    scores = [2 * 2 * batch * heads * 1 * keys * head_dim for keys in key_lengths]
     state0 = view.prepare(**step_inputs)
     head_modules = _head_modules(view, state0)
     analytic = _analytic(view, batch, scores, head_modules, batch, _embedding_flops(view, step_inputs, batch, batch))

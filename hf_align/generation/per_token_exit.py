@@ -33,7 +33,8 @@ Batches (left padding) decode in lock-step: a block runs for the batch while any
 it; rows that have exited ride along with their exit state as input, so the block writes exactly the
 propagated keys/values for them (its output for those rows is discarded). Once every row has exited, the
 remaining blocks' keys/values are filled by the family's key/value projection alone
-(:func:`hf_align.layers.get_kv_projection`). Compute saved per step is therefore L minus the *largest* exit
+(:func:`hf_align.layers.get_kv_projection`, or :func:`hf_align.families.recorded_kv`), block j with its own
+arguments (hybrid models: its own mask and rotary table). Compute saved per step is therefore L minus the *largest* exit
 depth in the batch; each row's tokens are those it would get alone. Rows that finished (EOS) exit at once.
 """
 
@@ -48,7 +49,7 @@ import torch
 from transformers import DynamicCache
 from transformers.utils import ModelOutput
 
-from ..families import get_kv_projection, kv_projection_families
+from ..families import get_kv_projection, kv_projection_families, recorded_kv
 from ..layers import LayerView
 
 __all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
@@ -115,8 +116,10 @@ class PerTokenEarlyExit:
     """CALM-style per-token early exit for a supported causal LM (see the module docstring).
 
     Args:
-        model: a ``*ForCausalLM`` / ``*LMHeadModel`` of a family with a registered key/value projection
-            (GPT-2, Llama, Mistral, Qwen2). Not copied or changed.
+        model: a ``*ForCausalLM`` / ``*LMHeadModel`` of a decoder-only family (``LayerFamily.causal``; registered
+            or inferred by structure). State propagation uses the family's registered key/value projection
+            (GPT-2, Llama / Mistral / Qwen2), else :func:`hf_align.families.recorded_kv` (the block's own code,
+            stopped at its cache update). Not copied or changed.
         threshold: exit when the confidence is strictly above it; in [0, 1] (1 disables exits).
         confidence: ``"softmax"`` (top-1 minus top-2 probability), ``"max_prob"`` or ``"state"``.
         min_exit_layer: no exit before this block (1..L).
@@ -137,7 +140,7 @@ class PerTokenEarlyExit:
             )
         if getattr(view.hf_model.config, "is_encoder_decoder", False):
             raise ValueError("per-token early exit supports decoder-only models, not encoder-decoder models")
-        kv = get_kv_projection(view.family.name)
+        kv = get_kv_projection(view.family.name) or (recorded_kv if view.family.causal else None)
         if kv is None:
             raise ValueError(
                 f"family {view.family.name!r} has no key/value projection for state propagation; families with one: "
@@ -343,8 +346,8 @@ class PerTokenEarlyExit:
             if bool(exited.all()):
                 break
         # blocks after the last exit never run: fill their K/V by propagating each row's exit state
-        for j in range(layer + 1, L + 1):
-            keys, values = self.kv_projection(view.blocks[j - 1], exit_hidden, state.block_kwargs)
+        for j in range(layer + 1, L + 1):  # block j's own arguments (hybrid models: its own mask / rotary table)
+            keys, values = self.kv_projection(view.blocks[j - 1], exit_hidden, state.arguments_of(j)[1])
             cache.update(keys, values, j - 1)
         if logits is None:  # every row had finished: nothing was decided
             logits = torch.zeros(batch, 1, device=exit_hidden.device)

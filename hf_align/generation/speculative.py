@@ -211,29 +211,49 @@ def _for_rows(processor: Any, rows: torch.Tensor, batch: int) -> Any:
     return subset
 
 
+# processors whose output does not depend on the prefix at all (neither its tokens nor its length)
+_PREFIX_FREE = {
+    "TemperatureLogitsWarper", "TopKLogitsWarper", "TopPLogitsWarper", "MinPLogitsWarper", "TypicalLogitsWarper",
+    "EpsilonLogitsWarper", "EtaLogitsWarper", "TopHLogitsWarper", "SuppressTokensLogitsProcessor",
+    "InfNanRemoveLogitsProcessor", "LogitNormalization",
+}
+
+
 class _Processors:
     """generate's prepared logits processors, applied at one position of every row, on that row's own prefix.
 
     ``tokens`` (B, T) holds each row's sequence (left-padded prompt + its tokens so far, as ``_sample``'s input_ids
     would be when that row reaches this position); ``lengths`` (B,) says where each row's prefix ends. Rows of equal
-    length are processed together (with one length: the whole batch in one call, exactly as ``_sample`` calls it).
+    length are processed together (with one length: the whole batch in one call, exactly as ``_sample`` calls it);
+    when no processor reads the prefix (the sampling warpers), the whole batch is one call whatever the lengths.
+    Each processor is called as ``LogitsProcessorList`` calls it (extra keyword arguments only for processors that
+    take them; there are none here), without its per-call signature inspection.
     """
 
     def __init__(self, processors: LogitsProcessorList):
-        self.processors = processors
+        self.processors = list(processors)
+        self.prefix_free = all(type(p).__name__ in _PREFIX_FREE for p in self.processors)
+
+    @staticmethod
+    def _apply(processors, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in processors:
+            scores = processor(input_ids, scores)
+        return scores
 
     def __call__(self, tokens: torch.Tensor, lengths: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         if not self.processors:
             return logits
+        if self.prefix_free:
+            return self._apply(self.processors, tokens[:, : int(lengths.max())], logits)
         first = int(lengths[0])
         if bool((lengths == first).all()):
-            return self.processors(tokens[:, :first], logits)
+            return self._apply(self.processors, tokens[:, :first], logits)
         out = torch.empty_like(logits)
         batch = logits.shape[0]
         for value in torch.unique(lengths).tolist():
             rows = (lengths == value).nonzero().squeeze(-1)
-            processors = LogitsProcessorList(_for_rows(p, rows, batch) for p in self.processors)
-            out[rows] = processors(tokens[rows, :value], logits[rows])
+            processors = [_for_rows(p, rows, batch) for p in self.processors]
+            out[rows] = self._apply(processors, tokens[rows, :value], logits[rows])
         return out
 
 
