@@ -40,7 +40,7 @@ _LAZY = {
     "DREAMTrainingArguments": ".trainers.dream_config",
     # decoders: per-token early exit (CALM) and the cost of each exit depth
     **{name: ".generation" for name in ("ExitCostTable", "PerTokenEarlyExit", "early_exit_generate", "exit_costs",
-                                        "plot_exit_costs")},
+                                        "per_token_exit", "plot_exit_costs")},
 }
 _SUBPACKAGES = ("analysis", "cli", "data", "diffusion", "families", "generation", "hub", "layers", "metrics",
                 "modeling", "pipelines", "trainers")

@@ -490,9 +490,6 @@ def _register_decoder_families() -> None:
     window = {"speculative": "within the sliding window"}
     limits = {
         "gemma2": window, "gemma3": window, "llama4": {"speculative": "within one attention chunk"},
-        "opt": {"speculative": "not with project_in (word_embed_proj_dim != hidden_size)"},
-        "falcon": {"speculative": "ALiBi configs: batch 1 only"},
-        "bloom": {"speculative": "ALiBi: batch 1 only"},
     }
     table.append(  # Llama 4 (text): chunked and global attention layers; its causal LM's base_model is itself
         ("llama4", ["llama4_text"], "model.norm", "model.layers", False, None, True))

@@ -5,7 +5,7 @@ cost of every exit depth.
 """
 
 from .cost import ExitCostTable, exit_costs, plot_exit_costs
-from .per_token_exit import CONFIDENCES, EarlyExitGenerateOutput, PerTokenEarlyExit, early_exit_generate
+from .per_token_exit import CONFIDENCES, EarlyExitGenerateOutput, PerTokenEarlyExit, early_exit_generate, per_token_exit
 from .speculative import (
     SpeculativeDecoderOnlyOutput,
     SpeculativeStats,
@@ -26,6 +26,7 @@ __all__ = [
     "choose_exit_layer",
     "early_exit_generate",
     "exit_costs",
+    "per_token_exit",
     "plot_exit_costs",
     "self_speculative",
     "speculative_acceptance",

@@ -41,12 +41,12 @@ def layer_view(model: nn.Module) -> LayerView:
 
 def _is_causal_family(hf_model: nn.Module) -> bool:
     family = get_family(hf_model.config.model_type)
-    if family is None:
-        return False
-    causal = getattr(family, "is_decoder", None)
-    if causal is not None:
-        return bool(causal)
-    return "causal-lm" in family.heads and family.pooling.get("sequence-classification") == "last"
+    if family is None:  # not registered: the structural fallback of the layer view says (after its self-check)
+        try:
+            return bool(layer_view(hf_model).family.causal)
+        except ValueError:
+            return False
+    return bool(family.causal)
 
 
 def check_decoder(model: Any, who: str = DECODING) -> nn.Module:
@@ -152,6 +152,11 @@ def check_generation(hf_model: nn.Module, generation_config: GenerationConfig, m
     token_types = model_kwargs.get("token_type_ids")
     if token_types is not None and bool((token_types != 0).any()):
         raise ValueError(f"{who} cannot honour non-zero token_type_ids")
+
+
+def check_rope(hf_model: nn.Module, generation_config: GenerationConfig, who: str = DECODING) -> None:
+    """Refuse a dynamic / LongRoPE rotary table past its original length for a decoder that runs several positions
+    per forward (see :func:`rope_limit`)."""
     limit = rope_limit(hf_model.config)
     if limit is not None and generation_config.max_length > limit:
         raise ValueError(

@@ -40,30 +40,24 @@ depth in the batch; each row's tokens are those it would get alone. Rows that fi
 
 from __future__ import annotations
 
-import copy
+import functools
 import inspect
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import StoppingCriteriaList
 from transformers.utils import ModelOutput
 
 from ..families import get_kv_projection, kv_projection_families, recorded_kv
-from ..layers import LayerView
+from ..layers import LayerView, preserved_state
+from .front_door import check_attention_mask, check_decoder, check_front, check_generation, check_input_ids, layer_view
 
 __all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
 
 CONFIDENCES = ("softmax", "max_prob", "state")
-
-# generate() arguments that greedy per-token exit honours (anything else would change the decoding rule)
-_ALLOWED_GENERATE_KWARGS = ("max_new_tokens", "max_length", "eos_token_id", "pad_token_id", "do_sample", "num_beams",
-                            "use_cache", "generation_config")
-_IDENTITY_PROCESSORS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "min_length": 0,
-                        "bad_words_ids": None, "suppress_tokens": None, "begin_suppress_tokens": None,
-                        "forced_bos_token_id": None, "forced_eos_token_id": None, "encoder_repetition_penalty": 1.0,
-                        "sequence_bias": None, "num_return_sequences": 1}
-
 
 @dataclass
 class EarlyExitGenerateOutput(ModelOutput):
@@ -128,10 +122,7 @@ class PerTokenEarlyExit:
 
     def __init__(self, model: torch.nn.Module, *, threshold: float = 0.9, confidence: str = "softmax",
                  min_exit_layer: int = 1, view: LayerView | None = None):
-        if confidence not in CONFIDENCES:
-            raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-            raise ValueError(f"threshold must be a number in [0, 1] (exit when confidence > threshold), got {threshold!r}")
+        _check_settings(threshold, confidence, 1, 1)
         view = view if view is not None else LayerView(model)
         if view.task != "causal-lm":
             raise ValueError(
@@ -160,105 +151,74 @@ class PerTokenEarlyExit:
     def num_layers(self) -> int:
         return self.view.num_layers
 
-    # -- arguments -------------------------------------------------------------------------------------
-
-    def _generation_config(self, input_length: int, kwargs: dict[str, Any]) -> tuple[int, list[int], int | None]:
-        unknown = sorted(set(kwargs) - set(_ALLOWED_GENERATE_KWARGS))
-        if unknown:
-            raise ValueError(
-                f"early_exit_generate does greedy decoding and accepts only {list(_ALLOWED_GENERATE_KWARGS)} as "
-                f"generation arguments; got {unknown}"
-            )
-        base = kwargs.pop("generation_config", None) or self.model.generation_config
-        config = copy.deepcopy(base)
-        config.update(**kwargs)
-        if config.do_sample:
-            raise ValueError("early_exit_generate is greedy: pass do_sample=False (the model's generation config samples)")
-        if (config.num_beams or 1) != 1:
-            raise ValueError(f"early_exit_generate is greedy: num_beams must be 1, got {config.num_beams}")
-        if config.use_cache is False:
-            raise ValueError("early_exit_generate needs the KV cache (use_cache=True)")
-        for name, identity in _IDENTITY_PROCESSORS.items():
-            value = getattr(config, name, None)
-            changed = bool(value) if identity is None else (value is not None and value != identity)
-            if changed:
-                raise ValueError(f"early_exit_generate does plain greedy decoding; {name}={value!r} is not supported")
-        if config.max_new_tokens is not None:
-            max_new = int(config.max_new_tokens)
-        elif config.max_length is not None:
-            max_new = int(config.max_length) - input_length
-        else:
-            max_new = 20
-        if max_new < 1:
-            raise ValueError(f"nothing to generate: max_new_tokens={max_new} (prompt length {input_length})")
-        eos = config.eos_token_id
-        eos = [] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
-        pad = config.pad_token_id
-        if pad is None and eos:
-            pad = eos[0]
-        return max_new, eos, pad
-
     # -- decoding --------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                  **generate_kwargs: Any) -> EarlyExitGenerateOutput:
-        """Greedy decoding with per-token exit. ``generate_kwargs``: max_new_tokens / max_length, eos_token_id,
-        pad_token_id (others that would change greedy decoding are refused)."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            got = type(input_ids).__name__ if not isinstance(input_ids, torch.Tensor) else f"{input_ids.dtype} {tuple(input_ids.shape)}"
-            raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {got}")
-        batch, length = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if batch > 1 and bool((attention_mask[:, -1] == 0).any()):
-            raise ValueError("batched decoder generation needs left padding: the last position of every row must be a "
-                             "real token (tokenizer.padding_side = 'left')")
-        max_new, eos, pad = self._generation_config(length, dict(generate_kwargs))
-        if pad is None and batch > 1 and eos:
-            raise ValueError("a pad_token_id is needed to pad rows that finish early")
+        """Greedy decoding with per-token exit, through ``model.generate``'s own preparation (generation config,
+        special tokens, the mask inferred from pad tokens, logits processors, stopping criteria): the same front
+        door, and the same errors for the same mistakes, as self-speculative decoding. ``generate_kwargs`` are
+        ``generate``'s (max_new_tokens / max_length, eos_token_id, pad_token_id, repetition_penalty, stopping
+        criteria, a streamer...); sampling and beam search are refused."""
+        from transformers import GenerationMixin
 
+        check_front(self.model, input_ids, attention_mask)
+        if attention_mask is not None:
+            generate_kwargs["attention_mask"] = attention_mask
+        decoding = functools.partial(per_token_exit, runner=self, streamer=generate_kwargs.get("streamer"))
+        return GenerationMixin.generate(self.model, input_ids=input_ids, custom_generate=decoding, **generate_kwargs)
+
+    def _decode(self, input_ids, logits_processor, stopping_criteria, config, streamer, model_kwargs):
         model, L = self.model, self.num_layers
+        batch = input_ids.shape[0]
         device = input_ids.device
+        max_new = int(config.max_length) - input_ids.shape[1]
         cache = DynamicCache(config=model.config)
+        mask = model_kwargs.get("attention_mask")
         # model inputs as generate() prepares them: position ids from the mask (left padding), and no mask at all
         # when it has no padding
-        model_kwargs: dict[str, Any] = {"cache": cache, "use_cache": True}
+        state: dict[str, Any] = {"cache": cache, "use_cache": True, "attention_mask": mask}
         if "position_ids" in inspect.signature(model.forward).parameters:
-            model_kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-        model_kwargs["attention_mask"] = None if bool((attention_mask == 1).all()) else attention_mask
-        eos_t = torch.tensor(eos, device=device, dtype=torch.long) if eos else None
-        unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+            positions = model_kwargs.get("position_ids")
+            if positions is None:
+                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) if mask is not None else \
+                    torch.arange(input_ids.shape[1], device=device).expand(batch, -1)
+            state["position_ids"] = positions
+        pad = config._pad_token_tensor
+        has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        unfinished = torch.ones(batch, dtype=torch.long, device=device)
         exit_layers = torch.zeros(batch, max_new, dtype=torch.long, device=device)
 
         # prefill at full depth: the model's own forward
-        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+        inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **state)
         logits = model(**inputs, return_dict=True).logits[:, -1]
         blocks_run = L
         depth = torch.full((batch,), L, dtype=torch.long, device=device)
         sequences = input_ids
         for step in range(max_new):
             if step > 0:
-                logits, depth, ran = self._step(sequences, model_kwargs, unfinished, cache)
+                logits, depth, ran = self._step(sequences, state, unfinished.bool(), cache)
                 blocks_run += ran
-            next_tokens = logits.to(torch.float32).argmax(-1)  # generate() takes the argmax of float32 logits
-            if eos_t is not None:
-                next_tokens = torch.where(unfinished, next_tokens, torch.full_like(next_tokens, pad))
-            exit_layers[:, step] = torch.where(unfinished, depth, torch.zeros_like(depth))
+            scores = logits_processor(sequences, logits.to(torch.float32))  # generate's float32 scores
+            next_tokens = scores.argmax(-1)
+            if has_eos and pad is not None:
+                next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
+            exit_layers[:, step] = torch.where(unfinished.bool(), depth, torch.zeros_like(depth))
             sequences = torch.cat([sequences, next_tokens[:, None]], dim=-1)
-            if model_kwargs["attention_mask"] is not None:
-                mask = model_kwargs["attention_mask"]
-                model_kwargs["attention_mask"] = torch.cat([mask, mask.new_ones((batch, 1))], dim=-1)
-            if "position_ids" in model_kwargs:
-                positions = model_kwargs["position_ids"]
-                model_kwargs["position_ids"] = torch.cat([positions, positions[:, -1:] + 1], dim=-1)
-            if eos_t is not None:
-                unfinished = unfinished & ~torch.isin(next_tokens, eos_t)
-                if not bool(unfinished.any()):
-                    exit_layers = exit_layers[:, : step + 1]
-                    break
+            if state["attention_mask"] is not None:
+                state["attention_mask"] = torch.cat([state["attention_mask"],
+                                                     state["attention_mask"].new_ones((batch, 1))], dim=-1)
+            if "position_ids" in state:
+                state["position_ids"] = torch.cat([state["position_ids"], state["position_ids"][:, -1:] + 1], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(sequences, None)
+            if streamer is not None:
+                streamer.put(next_tokens.cpu())
+            if int(unfinished.max()) == 0:
+                exit_layers = exit_layers[:, : step + 1]
+                break
+        if streamer is not None:
+            streamer.end()
         return EarlyExitGenerateOutput(sequences=sequences, exit_layers=exit_layers, blocks_run=blocks_run,
                                        num_layers=L, cache=cache)
 
@@ -354,6 +314,54 @@ class PerTokenEarlyExit:
         return logits, depth, ran
 
 
+def _check_settings(threshold: Any, confidence: Any, min_exit_layer: Any, num_layers: int) -> None:
+    if confidence not in CONFIDENCES:
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, got {confidence!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be a number in [0, 1] (exit when confidence > threshold), got {threshold!r}")
+    if isinstance(min_exit_layer, bool) or not isinstance(min_exit_layer, int) or not 1 <= min_exit_layer <= num_layers:
+        raise ValueError(f"min_exit_layer must be an integer in [1, {num_layers}], got {min_exit_layer!r}")
+
+
+def per_token_exit(
+    model: torch.nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    synced_gpus: bool = False,
+    streamer: Any = None,
+    threshold: float = 0.9,
+    confidence: str = "softmax",
+    min_exit_layer: int = 1,
+    runner: PerTokenEarlyExit | None = None,
+    **model_kwargs: Any,
+) -> EarlyExitGenerateOutput:
+    """Per-token early exit as a ``custom_generate`` callable: ``model.generate(**inputs,
+    custom_generate=hf_align.per_token_exit, threshold=0.9)`` (greedy; ``generate``'s logits processors are applied
+    to the exit logits, its stopping criteria checked after every token). Its own options: ``threshold``,
+    ``confidence``, ``min_exit_layer`` (see :class:`PerTokenEarlyExit`), or a ready ``runner``."""
+    hf_model = check_decoder(model)
+    check_generation(hf_model, generation_config, model_kwargs, logits_processor, synced_gpus=synced_gpus)
+    check_input_ids(input_ids)
+    check_attention_mask(input_ids, model_kwargs.get("attention_mask"))
+    if generation_config.do_sample:
+        raise ValueError("per-token early exit is greedy: pass do_sample=False (the model's generation config samples)")
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(f"per-token early exit writes propagated keys/values into a DynamicCache; "
+                         f"cache_implementation={generation_config.cache_implementation!r} is not supported")
+    if int(generation_config.max_length) <= input_ids.shape[1]:
+        raise ValueError(f"nothing to generate: the prompt has {input_ids.shape[1]} tokens and max_length is "
+                         f"{generation_config.max_length}; pass max_new_tokens")
+    if runner is None:
+        _check_settings(threshold, confidence, min_exit_layer, int(hf_model.config.num_hidden_layers))
+        runner = PerTokenEarlyExit(model, threshold=threshold, confidence=confidence, min_exit_layer=min_exit_layer,
+                                   view=layer_view(model))
+    with preserved_state(model):
+        return runner._decode(input_ids, logits_processor, stopping_criteria, generation_config, streamer,
+                              model_kwargs)
+
+
 def early_exit_generate(model: torch.nn.Module, *, threshold: float = 0.9, confidence: str = "softmax",
                         min_exit_layer: int = 1, **inputs_and_generate_kwargs: Any) -> EarlyExitGenerateOutput:
     """Greedy decoding with CALM-style per-token early exit (see :mod:`hf_align.generation.per_token_exit`).
@@ -365,5 +373,11 @@ def early_exit_generate(model: torch.nn.Module, *, threshold: float = 0.9, confi
     blocks after it never run for that token and their keys/values are propagated from h_l (lossy).
     With ``threshold=1`` no token exits and the output is exactly ``model.generate``'s greedy output.
     """
-    runner = PerTokenEarlyExit(model, threshold=threshold, confidence=confidence, min_exit_layer=min_exit_layer)
-    return runner.generate(**inputs_and_generate_kwargs)
+    from transformers import GenerationMixin
+
+    kwargs = dict(inputs_and_generate_kwargs)
+    input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.get("attention_mask")
+    hf_model = check_front(model, input_ids, attention_mask)  # checks before any forward (the view's self-check)
+    decoding = functools.partial(per_token_exit, threshold=threshold, confidence=confidence,
+                                 min_exit_layer=min_exit_layer, streamer=kwargs.get("streamer"))
+    return GenerationMixin.generate(hf_model, input_ids=input_ids, custom_generate=decoding, **kwargs)

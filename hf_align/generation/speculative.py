@@ -56,6 +56,7 @@ from .front_door import (
     check_front,
     check_generation,
     check_input_ids,
+    check_rope,
     layer_view,
 )
 
@@ -389,8 +390,11 @@ class _Decoder:
 
         def cut(value):
             if isinstance(value, torch.Tensor):
-                if value.dim() == 4 and value.shape[-2] == n + 1:
-                    return step_mask
+                if value.dim() == 4 and value.shape[-2] == n + 1:  # each block's own mask, cut to query i
+                    if step_mask is None and not self.static:
+                        return None  # no padding: one query on a dynamic cache needs no mask (generate passes none)
+                    # keys: a dynamic cache's p+n+1 cut to p+i+1; a static cache's whole length stays
+                    return value[:, :, i: i + 1] if self.static else value[:, :, i: i + 1, : value.shape[-1] - n + i]
                 if value.dim() >= 2 and value.shape[1] == n + 1 and value.shape[0] in (1, batch):
                     return value[:, i: i + 1]
             return value
@@ -488,7 +492,11 @@ class _Decoder:
         pending = self.pending
         # the verify pass's block arguments (queries p..p+n), captured while every layer has p slots
         verify = self._state(pending[:, None].expand(-1, m), positions, mask2d, embeds=self.fast is not False)
-        mask4 = self._find_mask(verify, m) if mask2d is not None else None
+        # the verify pass's 4D mask serves the draft steps, unless the blocks build position biases from the 2D
+        # mask themselves (ALiBi: an `alibi` argument)
+        mask4 = self._find_mask(verify, m) if mask2d is not None and "alibi" not in verify.block_kwargs else None
+        if self.fast is None and self.embed.weight.shape[1] != verify.hidden.shape[-1]:
+            self.fast = False  # token embeddings projected to the hidden size (OPT's project_in): no shortcut
         hidden_k, drafts, qs, draft_logits = [], [], [], []
         token = pending
         for i in range(m):  # i < n: draft steps; i == n: blocks 1..k for the last draft token
@@ -650,6 +658,14 @@ def _check_schedule(exit_layer: Any, num_draft_tokens: Any, num_layers: int) -> 
         raise ValueError(f"num_draft_tokens must be a positive integer or 'auto', got {num_draft_tokens!r}")
 
 
+def _local_attention_span(config: Any) -> int | None:
+    """The smallest local attention span of the model's layers (sliding window, local window, attention chunk),
+    read from its config; None when every layer attends to the whole sequence."""
+    spans = [getattr(config, key, None) for key in ("sliding_window", "window_size", "attention_chunk_size")]
+    spans = [s for s in spans if isinstance(s, int) and not isinstance(s, bool) and s > 0]
+    return min(spans) if spans else None
+
+
 def _sliding_windows(hf_model: nn.Module) -> list[int]:
     windows = [getattr(layer, "sliding_window", None) for layer in DynamicCache(config=hf_model.config).layers
                if getattr(layer, "is_sliding", False)]
@@ -703,6 +719,7 @@ def self_speculative(
     hf_model = check_decoder(model)
     config = generation_config
     check_generation(hf_model, config, model_kwargs, logits_processor, synced_gpus=synced_gpus)
+    check_rope(hf_model, config)
     check_input_ids(input_ids)
     num_layers = int(hf_model.config.num_hidden_layers)
     if exit_layer is None:
@@ -720,7 +737,11 @@ def self_speculative(
                          "pass max_new_tokens")
     max_draft = num_draft_tokens if isinstance(num_draft_tokens, int) else max(AUTO_DRAFT_COUNTS)
     windows = _sliding_windows(hf_model)
-    ragged = _row_local(logits_processor) and not windows
+    window = _local_attention_span(hf_model.config)
+    # rows advance by their own counts while the cache (with its masked holes, at most about a third more slots
+    # than tokens between compactions) stays within every local attention span, which counts cache slots
+    worst_slots = (prompt + max_new + max_draft + 1) * 4 // 3 + 16 + 2 * (max_draft + 1)
+    ragged = _row_local(logits_processor) and (window is None or worst_slots <= window)
     if windows and prompt + max_new > min(windows):
         raise ValueError(
             f"{type(hf_model).__name__} uses sliding-window attention (window {min(windows)} tokens) and prompt + "

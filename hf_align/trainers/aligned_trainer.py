@@ -22,6 +22,7 @@ from transformers import Trainer
 
 from ..data import IGNORE_INDEX, check_labels, dataset_labels, labelled
 from ..data import LABEL_KEYS as _LABEL_KEYS
+from ..families import router_aux_loss
 from ..layers import HeadContext, LayerView
 from .aligned_config import AlignedTrainingArguments, layer_weights
 from .curricula import (
@@ -273,6 +274,9 @@ class AlignedTrainer(Trainer):
         weights = self.current_layer_weights() if model.training else self.layer_loss_weights
         losses = self.layer_losses(hidden, outputs.logits, context, labels, num_items, weights)
         loss = sum(w * l for w, l in zip(weights, losses) if l is not None)
+        aux = router_aux_loss(self.layer_view.hf_model, outputs)
+        if aux is not None:  # mixture of experts: the load-balancing loss, added once as the model's own loss adds it
+            loss = loss + aux.to(loss.device)
         scale = 1
         if self.args.average_tokens_across_devices and num_items is not None:
             scale = self.accelerator.num_processes  # as the stock Trainer does (DDP averages gradients)
