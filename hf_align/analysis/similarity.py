@@ -1,8 +1,9 @@
 """Representation similarity on feature matrices: sample-wise cosine and the CKA family.
 
 Every function takes two feature matrices of the *same* ``n`` samples, ``X`` (n x d1) and ``Y`` (n x d2)
-(numpy arrays or torch tensors, any float dtype; 1-D inputs are one feature per sample), computes in
-float64 and returns a Python float.
+(numpy arrays or torch tensors, any float dtype), computes in float64 and returns a Python float. Each
+matrix is first scaled by a power of two (exact) so that its largest entry lies in [0.5, 1): any finite input,
+from 1e-300 to 1e300, gives the same result as at unit scale (no square over- or underflows).
 
 Conventions shared by all functions
 -----------------------------------
@@ -10,13 +11,18 @@ Conventions shared by all functions
   so a large common offset (real transformer features carry one of 1e3-1e4 times their spread) does not
   cancel catastrophically.
 * Bad input raises: :class:`ValueError` for different sample counts, non-finite values, too few samples or
-  a non-2-D array; :class:`TypeError` for non-numeric input.
+  a non-2-D array (a 1-D array raises too: pass ``x[:, None]`` for one feature per sample); :class:`TypeError`
+  for non-numeric input.
 * A similarity that is mathematically undefined -- CKA of a feature matrix whose columns are all constant
   (zero variance, e.g. BERT's embedding output at the CLS position), the cosine of an all-zero sample --
-  raises :class:`SimilarityUndefinedError` (a ``ValueError``). A matrix counts as constant when
-  ``||X~||_F <= constant_rtol * ||X||_F`` with ``constant_rtol = default_constant_rtol(input dtype)``
-  (float32: 3.8e-6, float64: 7.1e-15, float16: 2.0e-3, bfloat16: 1.6e-2): below that the "variance" is
-  rounding noise of the input format.
+  raises :class:`SimilarityUndefinedError` (a ``ValueError``). A matrix counts as constant when no feature
+  (column) varies beyond its own rounding: for every column j,
+  ``||x~_j||^2 <= constant_rtol^2 * (||x_j||^2 + median_k ||x_k||^2)`` with
+  ``constant_rtol = default_constant_rtol(input dtype)`` (float32: 3.8e-6, float64: 7.1e-15, float16: 2.0e-3,
+  bfloat16: 1.6e-2). The rounding of a value is relative to that value, so each column is compared with its own
+  magnitude -- not with the norm of the whole matrix, which a few large constant features (the "massive
+  activations" of pretrained transformers) dominate; the median column's magnitude is a floor for columns near 0,
+  whose rounding comes from the typical values they are computed from. See :func:`feature_varies`.
   No function ever returns NaN, 0 or 1 in place of an undefined value.
 """
 
@@ -38,6 +44,7 @@ __all__ = [
     "minibatch_cka",
     "rank_correlation",
     "default_constant_rtol",
+    "feature_varies",
     "SIMILARITY_METRICS",
     "SimilarityMetric",
     "similarity_metric",
@@ -66,6 +73,33 @@ def default_constant_rtol(dtype: torch.dtype) -> float:
     return (2.0 if torch.finfo(dtype).bits <= 16 else 32.0) * eps
 
 
+def feature_varies(centred_sq: torch.Tensor, raw_sq: torch.Tensor, rtol) -> torch.Tensor:
+    """Whether a feature matrix varies beyond its own rounding, from per-column sums (last dim = columns):
+
+        varies  <=>  exists j:  sum_i x~_ij^2  >  rtol^2 (sum_i x_ij^2 + median_k sum_i x_ik^2)
+
+    ``centred_sq``, ``raw_sq``: (..., d) sums of squares of the centred and the raw values of each column;
+    ``rtol``: a float or a tensor broadcasting against ``(...)``. Returns a bool tensor of shape ``(...)``.
+    An all-zero matrix never varies."""
+    raw_sq = raw_sq.to(torch.float64)
+    centred_sq = centred_sq.to(torch.float64)
+    floor = raw_sq.median(dim=-1, keepdim=True).values
+    rtol = torch.as_tensor(rtol, dtype=torch.float64, device=raw_sq.device)
+    if rtol.ndim:
+        rtol = rtol[..., None]
+    budget = rtol.square() * (raw_sq + floor)
+    return (centred_sq > budget).any(-1) & (raw_sq.sum(-1) > 0)
+
+
+def _unit_scale(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t * 2^-e (exact) with its largest |entry| in [0.5, 1), and e; all-zero t is returned as is (e = 0)."""
+    top = t.abs().max() if t.numel() else torch.zeros((), dtype=t.dtype)
+    if top == 0:
+        return t, 0
+    e = int(torch.frexp(top).exponent)
+    return torch.ldexp(t, torch.tensor(-e, dtype=torch.int64)), e
+
+
 def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
     """Validate one feature matrix and return (float64 tensor (n, d), original dtype)."""
     if isinstance(x, torch.Tensor):
@@ -82,7 +116,10 @@ def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
         raise TypeError(f"{name}: complex features are not supported (got {t.dtype})")
     orig_dtype = t.dtype
     if t.ndim == 1:
-        t = t[:, None]
+        raise ValueError(
+            f"{name}: expected a 2-D feature matrix (n_samples, n_features), got a 1-D array of shape {tuple(t.shape)}; "
+            f"for one feature per sample pass {name}[:, None]"
+        )
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D feature matrix (n_samples, n_features), got shape {tuple(t.shape)}")
     if t.shape[1] == 0:
@@ -94,9 +131,15 @@ def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
     return t, orig_dtype
 
 
-def _pair(X, Y, min_n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.dtype]:
+def _pair(X, Y, min_n: int = 2, exponents: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.dtype]:
+    """Both matrices validated, in float64, each scaled by a power of two to max |entry| in [0.5, 1)
+    (the exponents are appended to ``exponents`` when given)."""
     x, dx = _as_matrix(X, "X")
     y, dy = _as_matrix(Y, "Y")
+    x, ex = _unit_scale(x)
+    y, ey = _unit_scale(y)
+    if exponents is not None:
+        exponents.extend([ex, ey])
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"X and Y must hold the same samples: got {x.shape[0]} rows in X and {y.shape[0]} rows in Y"
@@ -107,11 +150,11 @@ def _pair(X, Y, min_n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.dtype
 
 
 def _center_checked(x: torch.Tensor, dtype: torch.dtype, name: str, constant_rtol: float | None) -> torch.Tensor:
-    """Column-centre x (float64) and raise SimilarityUndefinedError if it is constant."""
+    """Column-centre x (float64) and raise SimilarityUndefinedError if it is constant (no column varies beyond
+    its own rounding, :func:`feature_varies`)."""
     xc = x - x.mean(dim=0, keepdim=True)
     rtol = default_constant_rtol(dtype) if constant_rtol is None else constant_rtol
-    raw = torch.linalg.vector_norm(x)
-    if torch.linalg.vector_norm(xc) <= rtol * raw or raw == 0:
+    if not bool(feature_varies(xc.square().sum(0), x.square().sum(0), rtol)):
         raise SimilarityUndefinedError(
             f"{name} has constant (zero-variance) features across the {x.shape[0]} samples: CKA is undefined "
             "(0/0). This happens e.g. for a transformer's embedding output at a fixed-token position such as CLS."
@@ -126,18 +169,27 @@ def cosine(X, Y, center: bool = False) -> float:
 
     with ``x_i``, ``y_i`` the i-th rows. ``center=True`` first subtracts each matrix's column mean (over the
     n samples). Needs ``d1 == d2``. Raises :class:`SimilarityUndefinedError` if a sample has zero norm
-    (relative to the matrix, see the module docstring), e.g. every sample of a constant layer after centring.
+    (with ``center=True``: if no entry of the centred sample exceeds the rounding of the raw value,
+    :func:`feature_varies` applied to the sample), e.g. every sample of a constant layer after centring.
     """
     x, y, dx, dy = _pair(X, Y, min_n=1)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"cosine needs features of the same width, got {x.shape[1]} and {y.shape[1]}")
     out = []
     for name, m, dt in (("X", x, dx), ("Y", y, dy)):
-        raw = torch.linalg.vector_norm(m, dim=1)
+        raw_m = m
         if center:
             m = m - m.mean(dim=0, keepdim=True)
+        # every row scaled by its own power of two: rows of very different magnitude neither over- nor underflow
+        top = m.abs().amax(dim=1)
+        e = torch.where(top > 0, torch.frexp(top).exponent, torch.zeros_like(top, dtype=torch.int32)).to(torch.int64)
+        m = torch.ldexp(m, -e[:, None])
         norms = torch.linalg.vector_norm(m, dim=1)
-        tiny = (norms <= default_constant_rtol(dt) * raw) | (raw == 0)
+        if center:
+            raw_m = torch.ldexp(raw_m, -e[:, None])
+            tiny = ~feature_varies(m.square(), raw_m.square(), default_constant_rtol(dt))
+        else:
+            tiny = norms == 0
         if bool(tiny.any()):
             raise SimilarityUndefinedError(
                 f"cosine: {int(tiny.sum())} sample(s) of {name} have zero norm"
@@ -290,10 +342,15 @@ def hsic1(X, Y) -> float:
 
     The estimator is invariant to translating X or Y, so the features are centred first (numerically safer).
     """
-    x, y, _, _ = _pair(X, Y, min_n=4)
+    exps: list[int] = []
+    x, y, _, _ = _pair(X, Y, min_n=4, exponents=exps)
     xc = x - x.mean(0, keepdim=True)
     yc = y - y.mean(0, keepdim=True)
-    return float(_hsic1_grams((xc @ xc.T)[None], (yc @ yc.T)[None])[0, 0])
+    h = _hsic1_grams((xc @ xc.T)[None], (yc @ yc.T)[None])[0, 0]
+    out = float(torch.ldexp(h, torch.tensor(2 * (exps[0] + exps[1]), dtype=torch.int64)))  # undo the scaling
+    if not np.isfinite(out):
+        raise ValueError(f"hsic1: the value ({float(h)!r} x 2^{2 * (exps[0] + exps[1])}) is outside the float64 range")
+    return out
 
 
 def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol: float | None = None) -> float:
