@@ -179,7 +179,9 @@ def cosine(X, Y, center: bool = False) -> float:
     for name, m, dt in (("X", x, dx), ("Y", y, dy)):
         raw_m = m
         if center:
-            m = m - m.mean(dim=0, keepdim=True)
+            mean = m.mean(dim=0, keepdim=True)
+            m = m - mean
+            raw_m = (raw_m.square() + mean.square()).sqrt()  # the operands of the subtraction set its rounding
         # every row scaled by its own power of two: rows of very different magnitude neither over- nor underflow
         top = m.abs().amax(dim=1)
         e = torch.where(top > 0, torch.frexp(top).exponent, torch.zeros_like(top, dtype=torch.int32)).to(torch.int64)
@@ -233,10 +235,16 @@ def _debiased_hsic_from_features(xc: torch.Tensor, yc: torch.Tensor) -> torch.Te
         H(X, Y) = ||Y~^T X~||_F^2 - n/(n-2) sum_i ||x~_i||^2 ||y~_i||^2
                   + ||X~||_F^2 ||Y~||_F^2 / ((n-1)(n-2))
     """
+    return _debiased_hsic_terms(xc, yc).sum()
+
+
+def _debiased_hsic_terms(xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+    """The three terms of :func:`_debiased_hsic_from_features` (their sum is H; their magnitudes bound its
+    rounding error)."""
     n = xc.shape[0]
     rx = xc.square().sum(dim=1)
     ry = yc.square().sum(dim=1)
-    return _hsic_biased_feature(xc, yc) - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+    return torch.stack([_hsic_biased_feature(xc, yc), -n / (n - 2) * (rx @ ry), rx.sum() * ry.sum() / ((n - 1) * (n - 2))])
 
 
 def debiased_linear_cka(X, Y, constant_rtol: float | None = None) -> float:
@@ -252,9 +260,11 @@ def debiased_linear_cka(X, Y, constant_rtol: float | None = None) -> float:
     x, y, dx, dy = _pair(X, Y, min_n=4)
     xc = _center_checked(x, dx, "X", constant_rtol)
     yc = _center_checked(y, dy, "Y", constant_rtol)
-    hxx = _debiased_hsic_from_features(xc, xc)
-    hyy = _debiased_hsic_from_features(yc, yc)
-    if hxx <= 0 or hyy <= 0:
+    tx, ty = _debiased_hsic_terms(xc, xc), _debiased_hsic_terms(yc, yc)
+    hxx, hyy = tx.sum(), ty.sum()
+    eps = torch.finfo(torch.float64).eps
+    # H(X, X) is a difference of terms: below 64 eps of their size it is rounding noise, i.e. 0
+    if hxx <= 64 * eps * tx.abs().sum() or hyy <= 64 * eps * ty.abs().sum():
         raise SimilarityUndefinedError(
             "debiased CKA is undefined: the U-centred Gram matrix of "
             + ("X" if hxx <= 0 else "Y")
@@ -277,7 +287,9 @@ def _u_center(k: torch.Tensor) -> torch.Tensor:
 
 def _rbf_gram(xc: torch.Tensor, sigma: float, name: str) -> torch.Tensor:
     sq = xc.square().sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp_min(0.0)
+    size = sq[:, None] + sq[None, :]
+    d2 = (size - 2.0 * (xc @ xc.T)).clamp_min(0.0)
+    d2[d2 <= 64 * torch.finfo(d2.dtype).eps * size] = 0.0  # rounding noise of the expansion: duplicate samples
     d2.fill_diagonal_(0.0)
     # np.median over all n^2 entries incl. the zero diagonal (mean of the two middle values), as Kornblith et al.
     med = float(np.median(d2.cpu().numpy()))
@@ -334,6 +346,17 @@ def _hsic1_grams(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E74
     return (tr + torch.outer(sk, sl) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl.T)) / (n * (n - 3))
 
 
+def _hsic1_size(k: torch.Tensor) -> torch.Tensor:
+    """(A,) the sizes of the terms of HSIC_1(K, K) for batched Grams k (A, n, n): HSIC_1(K, K) below 64 eps of
+    this is rounding noise of their difference, i.e. 0."""
+    n = k.shape[-1]
+    k = k.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    rk = k.sum(dim=-1)
+    tr = k.square().sum(dim=(-2, -1))
+    return (tr + rk.sum(-1).square() / ((n - 1) * (n - 2)) + 2.0 / (n - 2) * rk.square().sum(-1)) / (n * (n - 3))
+
+
 def hsic1(X, Y) -> float:
     """Unbiased HSIC_1 (Song et al. 2012) of the linear kernels of X and Y (needs n >= 4; can be negative).
 
@@ -374,6 +397,7 @@ def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol:
             "HSIC_1 needs at least 4. Pass drop_last=True or choose another batch_size."
         )
     sxy = sxx = syy = 0.0
+    size = torch.zeros(2, dtype=torch.float64)
     nb = 0
     for start in range(0, n, batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -384,10 +408,12 @@ def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol:
         grams = torch.stack([xb @ xb.T, yb @ yb.T])
         h = _hsic1_grams(grams, grams)
         sxx, sxy, syy = sxx + h[0, 0], sxy + h[0, 1], syy + h[1, 1]
+        size += _hsic1_size(grams)
         nb += 1
-    if sxx <= 0 or syy <= 0:
+    tiny = 64 * torch.finfo(torch.float64).eps * size  # below that, HSIC_1(K, K) is rounding noise, i.e. 0
+    if nb == 0 or sxx <= tiny[0] or syy <= tiny[1]:
         raise SimilarityUndefinedError(
-            "minibatch CKA is undefined: mean HSIC_1(K, K) of " + ("X" if sxx <= 0 else "Y") + " is not positive"
+            "minibatch CKA is undefined: mean HSIC_1(K, K) of " + ("X" if nb == 0 or sxx <= tiny[0] else "Y") + " is not positive"
         )
     return float(sxy / torch.sqrt(sxx * syy))
 

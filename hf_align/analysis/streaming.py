@@ -284,7 +284,11 @@ class StreamingCKA:
         n, H, P, t, const = self._centered(need_p=True)
         if n < 4:
             raise ValueError(f"debiased CKA needs at least 4 samples, got {int(n)}")
-        H = H - n / (n - 2) * P + torch.outer(t, t) / ((n - 1) * (n - 2))
+        terms = (H, -n / (n - 2) * P, torch.outer(t, t) / ((n - 1) * (n - 2)))
+        H = terms[0] + terms[1] + terms[2]
+        # H_kk is a difference of terms: below 64 eps of their size it is rounding noise, i.e. 0 (undefined)
+        size = torch.diagonal(terms[0].abs() + terms[1].abs() + terms[2].abs())
+        const = const | (torch.diagonal(H) <= 64 * torch.finfo(torch.float64).eps * size)
         return self._finish(H, const, n)
 
     def mean(self) -> list[torch.Tensor]:
@@ -365,7 +369,9 @@ class StreamingCosine:
         if self.center is not None:
             if len(self.center) != x.shape[1]:
                 raise ValueError(f"center has {len(self.center)} mean vectors, but the batch has {x.shape[1]} blocks")
-            x = x - torch.stack(self.center).to(x.device)[None]
+            c = torch.stack(self.center).to(x.device)[None]
+            raw_x = (x.square() + c.square()).sqrt()  # the operands of the subtraction set its rounding
+            x = x - c
         norms = torch.linalg.vector_norm(x, dim=-1)  # (b, K)
         rtols = torch.tensor(
             [default_constant_rtol(b.dtype) if self.constant_rtol is None else self.constant_rtol for b in blocks],
@@ -418,6 +424,7 @@ class StreamingMinibatchCKA:
         self.sums: torch.Tensor | None = None
         self.cen = None  # per block: per-column sums of squares of the per-batch centred features
         self.raw = None  # per block: per-column sums of squares of the raw features
+        self.size = None  # per block: sizes of the terms of HSIC_1(K, K) (bounds its rounding noise)
         self.batches = 0
         self.n = 0
         self.dims = None
@@ -425,7 +432,7 @@ class StreamingMinibatchCKA:
 
     @torch.no_grad()
     def update(self, blocks) -> None:
-        from .similarity import _hsic1_grams
+        from .similarity import _hsic1_grams, _hsic1_size
 
         blocks = _validate_blocks(blocks, self.dims)
         b = blocks[0].shape[0]
@@ -441,14 +448,16 @@ class StreamingMinibatchCKA:
         else:
             grams = torch.stack([x @ x.T for x in xc])
         h = _hsic1_grams(grams, grams).cpu()
+        size = _hsic1_size(grams).cpu()
         cen = [x.square().sum(0).cpu() for x in xc]  # per block, per column
         raw = [x.square().sum(0).cpu() for x in xs]
         if self.sums is None:
-            self.sums, self.cen, self.raw = h, cen, raw
+            self.sums, self.cen, self.raw, self.size = h, cen, raw, size
             self.dims = [x.shape[1] for x in xs]
             self.dtypes = [x.dtype for x in blocks]
         else:
             self.sums += h
+            self.size = self.size + size
             self.cen = [a + b for a, b in zip(self.cen, cen)]
             self.raw = [a + b for a, b in zip(self.raw, raw)]
             self.dtypes = [_less_precise(a, x.dtype) for a, x in zip(self.dtypes, blocks)]
@@ -459,7 +468,7 @@ class StreamingMinibatchCKA:
         dist = _dist()
         if dist is not None:
             K = self.sums.shape[0]
-            flat = torch.cat([self.sums.flatten(), *self.cen, *self.raw, torch.tensor([float(self.batches), float(self.n)], dtype=torch.float64)])
+            flat = torch.cat([self.sums.flatten(), *self.cen, *self.raw, self.size, torch.tensor([float(self.batches), float(self.n)], dtype=torch.float64)])
             dist.all_reduce(flat)
             self.sums = flat[: K * K].reshape(K, K)
             o = K * K
@@ -467,6 +476,7 @@ class StreamingMinibatchCKA:
                 for k in range(K):
                     part[k] = flat[o : o + self.dims[k]]
                     o += self.dims[k]
+            self.size = flat[o : o + K]
             self.batches, self.n = int(round(float(flat[-2]))), int(round(float(flat[-1])))
         return self
 
@@ -476,7 +486,7 @@ class StreamingMinibatchCKA:
         rtol = [default_constant_rtol(d) if self.constant_rtol is None else self.constant_rtol for d in self.dtypes]
         d = torch.diagonal(self.sums).clone()
         const = torch.stack([~feature_varies(c, r, t) for c, r, t in zip(self.cen, self.raw, rtol)])
-        bad = const | (d <= 0)
+        bad = const | (d <= 64 * torch.finfo(torch.float64).eps * self.size)  # HSIC_1(K, K) of rounding noise
         d = torch.where(bad, torch.ones_like(d), d)
         vals = self.sums / torch.sqrt(torch.outer(d, d))
         undef = bad[:, None] | bad[None, :]
