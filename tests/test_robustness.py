@@ -136,3 +136,82 @@ def test_half_precision_collapse_on_pretrained_like_features(dtype):
         a, b = reports[dtype].per_layer[layer]["nc1"], reports[torch.float32].per_layer[layer]["nc1"]
         tol = 3e-2 if dtype == torch.float16 else 1e-1  # NC1 inverts Sigma_B: measured 1.1% (fp16), 5.9% (bf16)
         assert np.isfinite(a) and abs(a - b) <= tol * max(1.0, abs(b)), (layer, a, b)
+
+
+# -------------------------------------------------------------------------------------------------------- labels
+
+
+def _trainer_args(tmp_path, **kw):
+    from hf_align import AlignedTrainingArguments
+
+    base = dict(output_dir=str(tmp_path / "out"), report_to=[], disable_tqdm=True, save_strategy="no",
+                per_device_train_batch_size=4, learning_rate=1e-3, seed=0, use_cpu=True, dataloader_num_workers=0)
+    base.update(kw)
+    return AlignedTrainingArguments(**base)
+
+
+def _text_columns(n=8, labels=None):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 99, (n, 6), generator=g).tolist()
+    return {"input_ids": ids, "attention_mask": [[1] * 6] * n, "labels": labels if labels is not None else [i % 3 for i in range(n)]}
+
+
+def test_iterable_dataset_labels_are_checked_before_the_step(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer
+
+    data = Dataset.from_dict(_text_columns(labels=[0, 1, 99, 2, 0, 1, 2, 0])).to_iterable_dataset()
+    model = tiny_model("bert", "BertForSequenceClassification")
+    snapshot = [p.detach().clone() for p in model.parameters()]
+    trainer = AlignedTrainer(model=model, args=_trainer_args(tmp_path, max_steps=2), train_dataset=data)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 2\].*got 99"):  # not "IndexError: Target 99 is out of bounds"
+        trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, model.parameters()))
+
+
+def test_string_labels_fail_in_the_constructor(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer
+
+    data = Dataset.from_dict(_text_columns(labels=["pos", "neg"] * 4))
+    with pytest.raises(TypeError, match="integer class ids.*'pos'.*class_encode_column"):
+        AlignedTrainer(model=tiny_model("bert", "BertForSequenceClassification"), args=_trainer_args(tmp_path), train_dataset=data)
+
+
+def test_headless_base_model_fails_in_the_constructor(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer
+
+    with pytest.raises(ValueError, match="BertModel has no head.*AutoModelForSequenceClassification"):
+        AlignedTrainer(model=tiny_model("bert", "BertModel"), args=_trainer_args(tmp_path), train_dataset=Dataset.from_dict(_text_columns()))
+
+
+def test_ignored_labels_are_left_out_of_exit_curve_and_calibrate():
+    from datasets import Dataset
+
+    from hf_align import EarlyExitModel, calibrate, exit_curve
+
+    ee = EarlyExitModel(tiny_model("bert", "BertForSequenceClassification"))
+    cols = _text_columns(n=40, labels=[int(v) for v in torch.randint(0, 3, (40,), generator=torch.Generator().manual_seed(1))])
+    plain = Dataset.from_dict(cols).with_format("torch")
+    mixed_cols = {k: [x for v in cols[k] for x in (v, v)] for k in cols}
+    mixed_cols["labels"] = [x for v in cols["labels"] for x in (v, -100)]  # an unlabelled row after every row
+    mixed = Dataset.from_dict(mixed_cols).with_format("torch")
+    kw = dict(policy="confidence", values=[0.34, 0.4, 1.0], batch_size=16, progress=False)
+    a, b = exit_curve(ee, plain, **kw), exit_curve(ee, mixed, **kw)
+    assert b.full_accuracy == pytest.approx(a.full_accuracy) and b.accuracy == pytest.approx(a.accuracy)
+    c = calibrate(ee, mixed, tolerance=0.05, confidence=0.9, **kw)
+    assert c.full_accuracy == pytest.approx(a.full_accuracy)
+
+
+def test_exit_curve_markdown_marks_the_chosen_row_inside_the_table():
+    from hf_align.modeling.calibration import ExitCurve
+
+    curve = ExitCurve(policy="confidence", values=[0.5, 0.9], accuracy=[0.8, 0.9], mean_exit_layer=[1.5, 2.5], num_layers=3,
+                      full_accuracy=0.9, chosen=0.9)
+    rows = [line for line in curve.to_markdown().splitlines() if line.startswith("|")]
+    assert {line.count("|") for line in rows} == {5}  # 4 cells on every row, the header's and the chosen one's
+    assert "0.9 **chosen**" in rows[-1]

@@ -70,6 +70,12 @@ class AlignedTrainer(Trainer):
         if not isinstance(args, AlignedTrainingArguments):
             raise TypeError(f"args must be AlignedTrainingArguments, got {type(args).__name__}")
         self.layer_view = LayerView(model)  # unsupported / mismatching models fail here, before anything runs
+        if not self.layer_view.has_head:
+            raise ValueError(
+                f"AlignedTrainer trains the model's own head after every block, but {type(model).__name__} has no head "
+                "(a base model). Load a model with one, e.g. AutoModelForSequenceClassification / "
+                "AutoModelForImageClassification (num_labels=...) or AutoModelForCausalLM."
+            )
         self._check_batch_labels = False  # set when a dataset's labels cannot be read up front
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
@@ -97,6 +103,10 @@ class AlignedTrainer(Trainer):
     def _check_labels(self, dataset, name: str, data_collator=None) -> None:
         if dataset is None:
             return
+        if isinstance(dataset, torch.utils.data.IterableDataset) or type(dataset).__name__ == "IterableDataset":
+            # streams (datasets.IterableDataset's [0] is a column, not an example): checked on every batch
+            self._check_batch_labels = True
+            return
         try:
             sample = dataset[0]
         except Exception:  # iterable datasets: checked at the first batch instead
@@ -105,6 +115,13 @@ class AlignedTrainer(Trainer):
         if not isinstance(sample, Mapping):
             return
         if any(k in sample for k in _LABEL_KEYS):
+            label = next(sample[k] for k in _LABEL_KEYS if k in sample)
+            if self._single_label_classes() is not None and isinstance(label, (str, bytes)):
+                raise TypeError(
+                    f"{name} labels must be integer class ids in [0, {self._single_label_classes()}), got the string "
+                    f"{label!r}. Map them to ids first, e.g. dataset.class_encode_column('label') or "
+                    "dataset.map(lambda x: {'label': label2id[x['label']]}), and pass id2label/label2id to the model."
+                )
             self._check_label_range(dataset, name)
             return
         if self.layer_view.task == "causal-lm" and data_collator is not None:
