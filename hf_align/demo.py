@@ -74,6 +74,9 @@ VALIDATION_SIZE = 300  # images carved from the training split for calibration (
 
 
 def run_demo(output_dir: str = "hf-align-demo", steps: int = 800, seed: int = 0) -> dict:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        # max_steps=0 would make the Trainer fall back to its default of 3 epochs
+        raise ValueError(f"--steps must be a positive number of training steps, got {steps!r}")
     from transformers import pipeline
 
     from .analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation

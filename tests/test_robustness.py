@@ -215,3 +215,102 @@ def test_exit_curve_markdown_marks_the_chosen_row_inside_the_table():
     rows = [line for line in curve.to_markdown().splitlines() if line.startswith("|")]
     assert {line.count("|") for line in rows} == {5}  # 4 cells on every row, the header's and the chosen one's
     assert "0.9 **chosen**" in rows[-1]
+
+
+# ----------------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def cli_base(tmp_path_factory):
+    """A BERT body + WordLevel tokenizer (as test_cli's) and a csv of 9 rows with integer labels 0..2."""
+    import transformers as T
+    from test_cli import WORDS, colour_texts, word_tokenizer, write_csv
+
+    root = tmp_path_factory.mktemp("robust_cli")
+    torch.manual_seed(0)
+    base = T.BertModel(T.BertConfig(vocab_size=4 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                    intermediate_size=37, max_position_embeddings=32))
+    base.save_pretrained(root / "base")
+    word_tokenizer().save_pretrained(root / "base")
+    rows = [(t, i % 3) for i, (t, _) in enumerate(colour_texts(12, 0))]
+    return root, rows, write_csv
+
+
+def _train(root, data, out, *extra):
+    from hf_align.cli import main
+
+    return main(["train", "--model_name_or_path", str(root / "base"), "--dataset_name", str(data), "--output_dir", str(out),
+                 "--max_steps", "1", "--per_device_train_batch_size", "4", "--report_to", "none", "--save_strategy", "no", *extra])
+
+
+@pytest.mark.parametrize("bad", ["huge-id", "nan-csv", "null-jsonl"])
+def test_cli_bad_label_values_are_one_line_errors(cli_base, tmp_path, capsys, bad):
+    import json
+
+    from test_cli import one_line_error
+
+    root, rows, write_csv = cli_base
+    if bad == "huge-id":
+        data = write_csv(tmp_path / "d.csv", rows[:-1] + [(rows[-1][0], 10**12)])
+        expect = ("holds the class id 1000000000000, far beyond its 4 distinct ids",)
+    elif bad == "nan-csv":
+        data = write_csv(tmp_path / "d.csv", rows[:-1] + [(rows[-1][0], "nan")])
+        expect = ("has 1 missing value(s)", "first at row 11")
+    else:
+        data = tmp_path / "d.jsonl"
+        data.write_text("".join(json.dumps({"text": t, "label": None if i == 3 else y}) + "\n" for i, (t, y) in enumerate(rows)))
+        expect = ("has 1 missing value(s)", "first at row")
+    assert _train(root, data, tmp_path / "out") == 2
+    one_line_error(capsys, "hf-align train: error: label column 'label'", *expect)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_truncated_safetensors_is_a_one_line_error(cli_base, tmp_path, capsys):
+    import shutil
+
+    from test_cli import one_line_error
+
+    root, rows, write_csv = cli_base
+    shutil.copytree(root / "base", tmp_path / "base")
+    weights = tmp_path / "base" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert _train(tmp_path, write_csv(tmp_path / "d.csv", rows), tmp_path / "out") == 2
+    one_line_error(capsys, "could not load the weights", "safetensors only")
+
+
+def test_cli_analyze_a_single_file_uses_its_only_split(cli_base, tmp_path, capsys):
+    from hf_align.cli import main
+
+    root, rows, write_csv = cli_base
+    data = write_csv(tmp_path / "d.csv", rows)
+    assert main(["analyze", "--model_name_or_path", str(root / "base"), "--dataset_name", data, "--output_dir", str(tmp_path / "a"),
+                 "--metrics", "cka"]) == 0
+    assert "no 'test' split; using the only split, 'train'" in capsys.readouterr().out
+    assert (tmp_path / "a" / "report.md").exists()
+
+
+def test_cli_demo_steps_must_be_positive(tmp_path, capsys):
+    from test_cli import one_line_error
+
+    from hf_align.cli import main
+
+    assert main(["demo", "--steps", "0", "--output_dir", str(tmp_path / "demo")]) == 2  # not a silent 3-epoch run
+    one_line_error(capsys, "--steps must be a positive number of training steps, got 0")
+    assert not (tmp_path / "demo").exists()
+
+
+def test_cli_resume_from_checkpoint_resumes(cli_base, tmp_path):
+    from safetensors.torch import load_file
+
+    root, rows, write_csv = cli_base
+    data = write_csv(tmp_path / "d.csv", rows)
+    out = tmp_path / "out"
+    steps = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2"]
+    assert _train(root, data, out, *steps) == 0
+    checkpoint = load_file(out / "checkpoint-2" / "model.safetensors")
+    # the same command, another learning rate, resumed: already at step 2 of 2, so no step runs and the saved model
+    # is the checkpoint's (restarting from step 0 would train 2 steps at the new learning rate)
+    assert _train(root, data, out, *steps, "--learning_rate", "0.5", "--resume_from_checkpoint", "True") == 0
+    final = load_file(out / "model.safetensors")
+    assert all(torch.equal(final[k], v) for k, v in checkpoint.items())
+    assert _train(root, data, tmp_path / "o2", "--resume_from_checkpoint", str(tmp_path / "nope")) == 2
