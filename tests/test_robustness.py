@@ -314,3 +314,59 @@ def test_cli_resume_from_checkpoint_resumes(cli_base, tmp_path):
     final = load_file(out / "model.safetensors")
     assert all(torch.equal(final[k], v) for k, v in checkpoint.items())
     assert _train(root, data, tmp_path / "o2", "--resume_from_checkpoint", str(tmp_path / "nope")) == 2
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+
+def test_card_snippet_runs_on_a_grey_scale_model(tmp_path):
+    import transformers as T
+
+    import hf_align  # noqa: F401  (registers the pipeline)
+    from hf_align.demo import digits_image_processor
+    from hf_align.hub import usage_snippet
+
+    model = T.ViTForImageClassification(T.ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=4, intermediate_size=37, num_labels=10))
+    model.save_pretrained(tmp_path / "digits")
+    digits_image_processor().save_pretrained(tmp_path / "digits")
+    lines = usage_snippet("image-classification", str(tmp_path / "digits"))
+    code = "\n".join(lines[lines.index("```python") + 1 : lines.index("```", lines.index("```python") + 1)])
+    assert 'Image.new("RGB"' in code  # the snippet feeds an RGB image to the 1-channel model: the pipeline converts it
+    namespace: dict = {}
+    exec(compile(code, "card-snippet", "exec"), namespace)  # before: "mean must have 3 elements"
+    clf = namespace["clf"]
+    from PIL import Image
+
+    out = clf(Image.new("RGBA", (20, 20), "white"))
+    assert out[0]["num_layers"] == 2 and 1 <= out[0]["exit_layer"] <= 2
+
+
+# ------------------------------------------------------------------------------------------ noise every user sees
+
+
+def test_digits_image_processor_selects_the_pil_backend_without_a_warning():
+    import subprocess
+    import sys
+
+    code = "from hf_align.demo import digits_image_processor; print(type(digits_image_processor()).__name__)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert "falling back" not in run.stderr and "torchvision" not in run.stderr, run.stderr
+
+
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="pinning memory is useful with an accelerator")
+def test_no_pin_memory_warning_on_a_cpu_only_machine(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer, DREAMTrainingArguments
+
+    args = _trainer_args(tmp_path, max_steps=1)
+    assert args.dataloader_pin_memory is False
+    assert DREAMTrainingArguments(output_dir=str(tmp_path / "d"), report_to=[]).dataloader_pin_memory is False
+    trainer = AlignedTrainer(model=tiny_model("bert", "BertForSequenceClassification"), args=args,
+                             train_dataset=Dataset.from_dict(_text_columns()).with_format("torch"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
