@@ -370,3 +370,36 @@ def test_no_pin_memory_warning_on_a_cpu_only_machine(tmp_path):
         warnings.simplefilter("always")
         trainer.train()
     assert not [w for w in caught if "pin_memory" in str(w.message)]
+
+
+# ------------------------------------------------------------------------------------------- loading and saving
+
+
+def test_save_keeps_the_users_plot_and_writes_no_pickle(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer
+
+    data = Dataset.from_dict(_text_columns()).with_format("torch")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "layer_accuracy.png").write_bytes(b"the user's own figure")
+    trainer = AlignedTrainer(model=tiny_model("bert", "BertForSequenceClassification"), args=_trainer_args(tmp_path, max_steps=1),
+                             train_dataset=data, eval_dataset=data)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model(str(out))
+    assert (out / "layer_accuracy.png").read_bytes() == b"the user's own figure"
+    assert "![layer-wise accuracy](layer_accuracy_hf_align.png)" in (out / "README.md").read_text()
+    assert (out / "layer_accuracy_hf_align.png").exists()
+    assert not (out / "training_args.bin").exists()  # what push_to_hub uploads: no pickle
+    assert json_args(out)["max_steps"] == 1
+    trainer.save_model(str(tmp_path / "fresh"))
+    trainer.save_model(str(tmp_path / "fresh"))  # our own plot is replaced by later saves
+    assert "![layer-wise accuracy](layer_accuracy.png)" in (tmp_path / "fresh" / "README.md").read_text()
+
+
+def json_args(folder):
+    import json
+
+    return json.loads((folder / "training_args.json").read_text())

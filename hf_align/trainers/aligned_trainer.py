@@ -420,7 +420,15 @@ class AlignedTrainer(Trainer):
         # a README this save is about to write (PEFT writes its template card for adapters) may be replaced by
         # ours; one that was there before and is not ours is the user's and is kept
         replaceable = not os.path.exists(card) or _is_hf_align_card(card)
+        had_args_bin = os.path.exists(os.path.join(output_dir, "training_args.bin"))
         super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            # the arguments as JSON, like DREAMTrainer: no pickle in the folder (or on the Hub)
+            args_bin = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(args_bin) and not had_args_bin:
+                os.remove(args_bin)
+            with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+                f.write(self.args.to_json_string())
         if self.args.write_model_card and self.args.should_save:
             self._write_card(output_dir, force=replaceable)
 
