@@ -403,3 +403,41 @@ def json_args(folder):
     import json
 
     return json.loads((folder / "training_args.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------------- other checks
+
+
+def test_neural_collapse_metric_without_predictions():
+    import evaluate
+
+    from hf_align.metrics import path
+
+    metric = evaluate.load(path("neural_collapse"))
+    rng = np.random.default_rng(0)
+    H, y = rng.normal(size=(30, 4)), np.arange(30) % 3
+    out = metric.compute(features=H.tolist(), references=y.tolist())  # before: TypeError ... NoneType has no len()
+    assert "nc1" in out and "nc4" not in out and np.isfinite(out["nc1"])
+    full = metric.compute(features=H.tolist(), references=y.tolist(), predictions=y.tolist())
+    assert full["nc1"] == pytest.approx(out["nc1"]) and "nc4" in full
+
+
+@pytest.mark.parametrize("field, value", [("patience", True), ("min_layer", True), ("exit_layer", True)])
+def test_boolean_exit_settings_are_refused(field, value):
+    from hf_align.modeling.early_exit import EarlyExitConfig
+
+    policy = {"patience": "patience", "exit_layer": "fixed", "min_layer": "confidence"}[field]
+    with pytest.raises(ValueError, match=field):
+        EarlyExitConfig(policy=policy, **{field: value}).validate(3)
+
+
+def test_undefined_collapse_warning_points_at_the_caller():
+    from hf_align import collapse_report
+    from hf_align.analysis.collapse import UndefinedCollapseWarning
+
+    rows = [dict(r, labels=i % 3) for i, r in enumerate(text_rows(24))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        collapse_report(tiny_model("bert", "BertForSequenceClassification"), rows, batch_size=8, nc4=False, gnc2_margin=False)
+    ours = [w for w in caught if issubclass(w.category, UndefinedCollapseWarning)]
+    assert ours and all(w.filename == __file__ for w in ours), [w.filename for w in ours]

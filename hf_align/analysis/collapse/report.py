@@ -325,7 +325,7 @@ def collapse_report(
         )
         if on_undefined == "raise":
             raise ValueError(msg)
-        warnings.warn(msg, UndefinedCollapseWarning, stacklevel=2)
+        warnings.warn(msg, UndefinedCollapseWarning, stacklevel=3)  # 3: past torch.no_grad's wrapper, to the caller
     return CollapseReport(
         chosen, per_layer, classifier, stats[0].num_samples, K, pooling, stats,
         features=features, undefined_layers=sorted(reasons), undefined_reasons=reasons,
