@@ -441,3 +441,25 @@ def test_undefined_collapse_warning_points_at_the_caller():
         collapse_report(tiny_model("bert", "BertForSequenceClassification"), rows, batch_size=8, nc4=False, gnc2_margin=False)
     ours = [w for w in caught if issubclass(w.category, UndefinedCollapseWarning)]
     assert ours and all(w.filename == __file__ for w in ours), [w.filename for w in ours]
+
+
+def test_resume_continues_the_layer_dropout_draws(tmp_path):
+    from datasets import Dataset
+
+    from hf_align import AlignedTrainer
+
+    data = Dataset.from_dict(_text_columns(n=24)).with_format("torch")
+
+    def make(out):
+        args = _trainer_args(tmp_path, output_dir=str(out), max_steps=6, logging_steps=1, save_strategy="steps", save_steps=3,
+                             learning_rate=5e-3, layer_dropout=0.5)
+        return AlignedTrainer(model=tiny_model("bert", "BertForSequenceClassification"), args=args, train_dataset=data)
+
+    full = make(tmp_path / "full")
+    full.train()
+    resumed = make(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for key in ("loss", "layer_1_loss", "layer_2_loss"):
+        ref = [e[key] for e in full.state.log_history if key in e]
+        again = [e[key] for e in resumed.state.log_history if key in e]
+        assert again[-3:] == ref[-3:], key  # before: steps 4-6 repeated the draws of steps 1-3

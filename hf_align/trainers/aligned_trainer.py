@@ -432,6 +432,24 @@ class AlignedTrainer(Trainer):
         if self.args.write_model_card and self.args.should_save:
             self._write_card(output_dir, force=replaceable)
 
+    # layer-dropout draws continue where they stopped when a run resumes (saved beside the Trainer's RNG states)
+    def _dropout_rng_file(self, folder: str) -> str:
+        return os.path.join(folder, f"layer_dropout_rng_{self.args.process_index}.safetensors")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.layer_dropout > 0:
+            from safetensors.torch import save_file
+
+            save_file({"state": self._dropout_generator.get_state()}, self._dropout_rng_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and self.args.layer_dropout > 0 and os.path.isfile(self._dropout_rng_file(checkpoint)):
+            from safetensors.torch import load_file
+
+            self._dropout_generator.set_state(load_file(self._dropout_rng_file(checkpoint))["state"])
+
     def create_model_card(self, language: str | None = None, license: str | None = None, tags=None,
                           model_name: str | None = None, finetuned_from: str | None = None, tasks=None,
                           dataset_tags=None, dataset=None, dataset_args=None, *, datasets=None, base_model=None,
