@@ -107,3 +107,15 @@ def test_markdown_python_blocks_run(path, tmp_path, monkeypatch):
                 exec(compile(code, f"{path}:{line}", "exec"), ns)
             except Exception as err:  # name the block
                 raise AssertionError(f"the python block at {path}:{line} fails as written: {type(err).__name__}: {err}") from err
+
+
+def _digits_train_command(path: str) -> list[str]:
+    """The `hf-align train --dataset_name embedded:digits ...` command of a markdown file, continuations joined."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / path).read_text())
+    line = next(ln for ln in text.splitlines() if ln.startswith("hf-align train") and "embedded:digits" in ln and "--model_name_or_path" not in ln)
+    return line.split("#")[0].split()
+
+
+def test_readme_digits_command_is_the_recipe_of_docs_cli():
+    # the README's command used to stop at --max_steps 800 with the Trainer's defaults: 68.9% on the last block
+    assert _digits_train_command("README.md") == _digits_train_command("docs/cli.md")
