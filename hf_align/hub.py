@@ -295,8 +295,24 @@ def plot_layer_accuracy(curves: dict[str, list[float]], path: str | os.PathLike,
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, metadata={"Software": _PLOT_SOFTWARE})  # marks the file as ours (later saves may replace it)
     return os.fspath(path)
+
+
+_PLOT_SOFTWARE = "hf-align plot_layer_accuracy"
+
+
+def _ours_or_absent(path) -> bool:
+    """Whether ``path`` may be (over)written by a card: absent, or a plot this library wrote (PNG metadata)."""
+    if not os.path.exists(path):
+        return True
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            return image.info.get("Software") == _PLOT_SOFTWARE
+    except Exception:
+        return False
 
 
 _PIPELINE_TAGS = {"sequence-classification": "text-classification", "image-classification": "image-classification",
@@ -408,8 +424,12 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
                       f"**{'yes' if metrics.get('eval_monotone') == 1.0 else 'no'}**."]
         if len(rows) == num_layers:
             os.makedirs(output_dir, exist_ok=True)
-            plot_layer_accuracy({"aligned": [r["accuracy"] for r in rows]}, os.path.join(output_dir, "layer_accuracy.png"))
-            lines += ["", "![layer-wise accuracy](layer_accuracy.png)"]
+            # a layer_accuracy.png of the user's own is kept: ours then goes beside it
+            plot = next((name for name in ("layer_accuracy.png", "layer_accuracy_hf_align.png")
+                         if _ours_or_absent(os.path.join(output_dir, name))), None)
+            if plot is not None:
+                plot_layer_accuracy({"aligned": [r["accuracy"] for r in rows]}, os.path.join(output_dir, plot))
+                lines += ["", f"![layer-wise accuracy]({plot})"]
     else:
         lines += ["No evaluation with layer-wise metrics has been run yet (`trainer.evaluate()` adds it)."]
     lines += ["", "## Recipe", "", "| setting | value |", "| --- | --- |"]

@@ -446,3 +446,10 @@ def test_model_unchanged_after_calls(llama):
     # generate itself keeps its static cache on the model (stock behaviour, also without custom_generate)
     assert _same((*before[:2], [v for v in before[2] if v != "_cache"], *before[3:]),
                  (*after[:2], [v for v in after[2] if v != "_cache"], *after[3:]))
+
+
+def test_auto_when_the_first_token_ends_the_call(llama):
+    ids, mask = _ragged(2)
+    reference = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
+    out, stats = speculative_generate(llama, ids, mask, max_new_tokens=1, return_stats=True)
+    assert torch.equal(out, reference) and stats.rounds == 0 and stats.calibration is None

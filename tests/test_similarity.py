@@ -117,7 +117,9 @@ def test_gram_space_path_matches(data):
 def test_torch_and_numpy_inputs_agree(data):
     X, Y, _, _ = data
     assert linear_cka(torch.tensor(X), torch.tensor(Y)) == pytest.approx(ref_linear_cka(X, Y), abs=1e-9)
-    assert linear_cka(X[:, 0], Y) == pytest.approx(ref_linear_cka(X[:, :1], Y), abs=1e-9)  # 1-D = one feature
+    assert linear_cka(X[:, :1], Y) == pytest.approx(ref_linear_cka(X[:, :1], Y), abs=1e-9)  # one feature
+    with pytest.raises(ValueError, match=r"1-D.*X\[:, None\]"):  # the docs: non-2-D raises
+        linear_cka(X[:, 0], Y)
 
 
 def test_identities(data):

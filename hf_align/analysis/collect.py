@@ -140,9 +140,10 @@ def layer_similarity(
             BERT's embedding output at CLS) get NaN entries, ``undefined`` True and a
             :class:`UndefinedSimilarityWarning` naming them; ``"raise"``: raise
             :class:`~hf_align.analysis.similarity.SimilarityUndefinedError` instead.
-        constant_rtol: a layer is constant when its centred features satisfy ``||X~||_F <= constant_rtol
-            ||X||_F``; default ``default_constant_rtol(model dtype)``, i.e. relative to the resolution of the
-            dtype the model computes in (see :func:`hf_align.analysis.similarity.default_constant_rtol`).
+        constant_rtol: a layer is constant when none of its features varies beyond its own rounding: every
+            column satisfies ``||x~_j|| <= constant_rtol * sqrt(||x_j||^2 + median_k ||x_k||^2)``
+            (:func:`hf_align.analysis.similarity.feature_varies`); default ``default_constant_rtol(model dtype)``,
+            i.e. relative to the resolution of the dtype the model computes in.
 
     Multi-process: when ``torch.distributed`` is initialised (``torchrun``, or ``accelerate launch`` after
     ``Accelerator()``), batch i runs on rank ``i % world_size`` and the float64 sums are all-reduced, so
@@ -216,7 +217,7 @@ def layer_similarity(
         else:
             why = (
                 f"constant features: their centred part is within the resolution of {str(dtype).replace('torch.', '')} "
-                f"(||X - mean||_F <= {rtol:.3g} ||X||_F)"
+                f"(no feature varies by more than {rtol:.3g} of its own magnitude)"
             )
         msg = (
             f"{metric} is undefined for {', '.join(bad)}: {why} across the {res.n} samples "

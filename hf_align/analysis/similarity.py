@@ -1,8 +1,9 @@
 """Representation similarity on feature matrices: sample-wise cosine and the CKA family.
 
 Every function takes two feature matrices of the *same* ``n`` samples, ``X`` (n x d1) and ``Y`` (n x d2)
-(numpy arrays or torch tensors, any float dtype; 1-D inputs are one feature per sample), computes in
-float64 and returns a Python float.
+(numpy arrays or torch tensors, any float dtype), computes in float64 and returns a Python float. Each
+matrix is first scaled by a power of two (exact) so that its largest entry lies in [0.5, 1): any finite input,
+from 1e-300 to 1e300, gives the same result as at unit scale (no square over- or underflows).
 
 Conventions shared by all functions
 -----------------------------------
@@ -10,13 +11,18 @@ Conventions shared by all functions
   so a large common offset (real transformer features carry one of 1e3-1e4 times their spread) does not
   cancel catastrophically.
 * Bad input raises: :class:`ValueError` for different sample counts, non-finite values, too few samples or
-  a non-2-D array; :class:`TypeError` for non-numeric input.
+  a non-2-D array (a 1-D array raises too: pass ``x[:, None]`` for one feature per sample); :class:`TypeError`
+  for non-numeric input.
 * A similarity that is mathematically undefined -- CKA of a feature matrix whose columns are all constant
   (zero variance, e.g. BERT's embedding output at the CLS position), the cosine of an all-zero sample --
-  raises :class:`SimilarityUndefinedError` (a ``ValueError``). A matrix counts as constant when
-  ``||X~||_F <= constant_rtol * ||X||_F`` with ``constant_rtol = default_constant_rtol(input dtype)``
-  (float32: 3.8e-6, float64: 7.1e-15, float16: 2.0e-3, bfloat16: 1.6e-2): below that the "variance" is
-  rounding noise of the input format.
+  raises :class:`SimilarityUndefinedError` (a ``ValueError``). A matrix counts as constant when no feature
+  (column) varies beyond its own rounding: for every column j,
+  ``||x~_j||^2 <= constant_rtol^2 * (||x_j||^2 + median_k ||x_k||^2)`` with
+  ``constant_rtol = default_constant_rtol(input dtype)`` (float32: 3.8e-6, float64: 7.1e-15, float16: 2.0e-3,
+  bfloat16: 1.6e-2). The rounding of a value is relative to that value, so each column is compared with its own
+  magnitude -- not with the norm of the whole matrix, which a few large constant features (the "massive
+  activations" of pretrained transformers) dominate; the median column's magnitude is a floor for columns near 0,
+  whose rounding comes from the typical values they are computed from. See :func:`feature_varies`.
   No function ever returns NaN, 0 or 1 in place of an undefined value.
 """
 
@@ -38,6 +44,7 @@ __all__ = [
     "minibatch_cka",
     "rank_correlation",
     "default_constant_rtol",
+    "feature_varies",
     "SIMILARITY_METRICS",
     "SimilarityMetric",
     "similarity_metric",
@@ -66,6 +73,33 @@ def default_constant_rtol(dtype: torch.dtype) -> float:
     return (2.0 if torch.finfo(dtype).bits <= 16 else 32.0) * eps
 
 
+def feature_varies(centred_sq: torch.Tensor, raw_sq: torch.Tensor, rtol) -> torch.Tensor:
+    """Whether a feature matrix varies beyond its own rounding, from per-column sums (last dim = columns):
+
+        varies  <=>  exists j:  sum_i x~_ij^2  >  rtol^2 (sum_i x_ij^2 + median_k sum_i x_ik^2)
+
+    ``centred_sq``, ``raw_sq``: (..., d) sums of squares of the centred and the raw values of each column;
+    ``rtol``: a float or a tensor broadcasting against ``(...)``. Returns a bool tensor of shape ``(...)``.
+    An all-zero matrix never varies."""
+    raw_sq = raw_sq.to(torch.float64)
+    centred_sq = centred_sq.to(torch.float64)
+    floor = raw_sq.median(dim=-1, keepdim=True).values
+    rtol = torch.as_tensor(rtol, dtype=torch.float64, device=raw_sq.device)
+    if rtol.ndim:
+        rtol = rtol[..., None]
+    budget = rtol.square() * (raw_sq + floor)
+    return (centred_sq > budget).any(-1) & (raw_sq.sum(-1) > 0)
+
+
+def _unit_scale(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """t * 2^-e (exact) with its largest |entry| in [0.5, 1), and e; all-zero t is returned as is (e = 0)."""
+    top = t.abs().max() if t.numel() else torch.zeros((), dtype=t.dtype)
+    if top == 0:
+        return t, 0
+    e = int(torch.frexp(top).exponent)
+    return torch.ldexp(t, torch.tensor(-e, dtype=torch.int64)), e
+
+
 def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
     """Validate one feature matrix and return (float64 tensor (n, d), original dtype)."""
     if isinstance(x, torch.Tensor):
@@ -82,7 +116,10 @@ def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
         raise TypeError(f"{name}: complex features are not supported (got {t.dtype})")
     orig_dtype = t.dtype
     if t.ndim == 1:
-        t = t[:, None]
+        raise ValueError(
+            f"{name}: expected a 2-D feature matrix (n_samples, n_features), got a 1-D array of shape {tuple(t.shape)}; "
+            f"for one feature per sample pass {name}[:, None]"
+        )
     if t.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D feature matrix (n_samples, n_features), got shape {tuple(t.shape)}")
     if t.shape[1] == 0:
@@ -94,9 +131,15 @@ def _as_matrix(x, name: str) -> tuple[torch.Tensor, torch.dtype]:
     return t, orig_dtype
 
 
-def _pair(X, Y, min_n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.dtype]:
+def _pair(X, Y, min_n: int = 2, exponents: list | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.dtype]:
+    """Both matrices validated, in float64, each scaled by a power of two to max |entry| in [0.5, 1)
+    (the exponents are appended to ``exponents`` when given)."""
     x, dx = _as_matrix(X, "X")
     y, dy = _as_matrix(Y, "Y")
+    x, ex = _unit_scale(x)
+    y, ey = _unit_scale(y)
+    if exponents is not None:
+        exponents.extend([ex, ey])
     if x.shape[0] != y.shape[0]:
         raise ValueError(
             f"X and Y must hold the same samples: got {x.shape[0]} rows in X and {y.shape[0]} rows in Y"
@@ -107,11 +150,11 @@ def _pair(X, Y, min_n: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.dtype
 
 
 def _center_checked(x: torch.Tensor, dtype: torch.dtype, name: str, constant_rtol: float | None) -> torch.Tensor:
-    """Column-centre x (float64) and raise SimilarityUndefinedError if it is constant."""
+    """Column-centre x (float64) and raise SimilarityUndefinedError if it is constant (no column varies beyond
+    its own rounding, :func:`feature_varies`)."""
     xc = x - x.mean(dim=0, keepdim=True)
     rtol = default_constant_rtol(dtype) if constant_rtol is None else constant_rtol
-    raw = torch.linalg.vector_norm(x)
-    if torch.linalg.vector_norm(xc) <= rtol * raw or raw == 0:
+    if not bool(feature_varies(xc.square().sum(0), x.square().sum(0), rtol)):
         raise SimilarityUndefinedError(
             f"{name} has constant (zero-variance) features across the {x.shape[0]} samples: CKA is undefined "
             "(0/0). This happens e.g. for a transformer's embedding output at a fixed-token position such as CLS."
@@ -126,18 +169,29 @@ def cosine(X, Y, center: bool = False) -> float:
 
     with ``x_i``, ``y_i`` the i-th rows. ``center=True`` first subtracts each matrix's column mean (over the
     n samples). Needs ``d1 == d2``. Raises :class:`SimilarityUndefinedError` if a sample has zero norm
-    (relative to the matrix, see the module docstring), e.g. every sample of a constant layer after centring.
+    (with ``center=True``: if no entry of the centred sample exceeds the rounding of the raw value,
+    :func:`feature_varies` applied to the sample), e.g. every sample of a constant layer after centring.
     """
     x, y, dx, dy = _pair(X, Y, min_n=1)
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"cosine needs features of the same width, got {x.shape[1]} and {y.shape[1]}")
     out = []
     for name, m, dt in (("X", x, dx), ("Y", y, dy)):
-        raw = torch.linalg.vector_norm(m, dim=1)
+        raw_m = m
         if center:
-            m = m - m.mean(dim=0, keepdim=True)
+            mean = m.mean(dim=0, keepdim=True)
+            m = m - mean
+            raw_m = (raw_m.square() + mean.square()).sqrt()  # the operands of the subtraction set its rounding
+        # every row scaled by its own power of two: rows of very different magnitude neither over- nor underflow
+        top = m.abs().amax(dim=1)
+        e = torch.where(top > 0, torch.frexp(top).exponent, torch.zeros_like(top, dtype=torch.int32)).to(torch.int64)
+        m = torch.ldexp(m, -e[:, None])
         norms = torch.linalg.vector_norm(m, dim=1)
-        tiny = (norms <= default_constant_rtol(dt) * raw) | (raw == 0)
+        if center:
+            raw_m = torch.ldexp(raw_m, -e[:, None])
+            tiny = ~feature_varies(m.square(), raw_m.square(), default_constant_rtol(dt))
+        else:
+            tiny = norms == 0
         if bool(tiny.any()):
             raise SimilarityUndefinedError(
                 f"cosine: {int(tiny.sum())} sample(s) of {name} have zero norm"
@@ -181,10 +235,16 @@ def _debiased_hsic_from_features(xc: torch.Tensor, yc: torch.Tensor) -> torch.Te
         H(X, Y) = ||Y~^T X~||_F^2 - n/(n-2) sum_i ||x~_i||^2 ||y~_i||^2
                   + ||X~||_F^2 ||Y~||_F^2 / ((n-1)(n-2))
     """
+    return _debiased_hsic_terms(xc, yc).sum()
+
+
+def _debiased_hsic_terms(xc: torch.Tensor, yc: torch.Tensor) -> torch.Tensor:
+    """The three terms of :func:`_debiased_hsic_from_features` (their sum is H; their magnitudes bound its
+    rounding error)."""
     n = xc.shape[0]
     rx = xc.square().sum(dim=1)
     ry = yc.square().sum(dim=1)
-    return _hsic_biased_feature(xc, yc) - n / (n - 2) * (rx @ ry) + rx.sum() * ry.sum() / ((n - 1) * (n - 2))
+    return torch.stack([_hsic_biased_feature(xc, yc), -n / (n - 2) * (rx @ ry), rx.sum() * ry.sum() / ((n - 1) * (n - 2))])
 
 
 def debiased_linear_cka(X, Y, constant_rtol: float | None = None) -> float:
@@ -200,9 +260,11 @@ def debiased_linear_cka(X, Y, constant_rtol: float | None = None) -> float:
     x, y, dx, dy = _pair(X, Y, min_n=4)
     xc = _center_checked(x, dx, "X", constant_rtol)
     yc = _center_checked(y, dy, "Y", constant_rtol)
-    hxx = _debiased_hsic_from_features(xc, xc)
-    hyy = _debiased_hsic_from_features(yc, yc)
-    if hxx <= 0 or hyy <= 0:
+    tx, ty = _debiased_hsic_terms(xc, xc), _debiased_hsic_terms(yc, yc)
+    hxx, hyy = tx.sum(), ty.sum()
+    eps = torch.finfo(torch.float64).eps
+    # H(X, X) is a difference of terms: below 64 eps of their size it is rounding noise, i.e. 0
+    if hxx <= 64 * eps * tx.abs().sum() or hyy <= 64 * eps * ty.abs().sum():
         raise SimilarityUndefinedError(
             "debiased CKA is undefined: the U-centred Gram matrix of "
             + ("X" if hxx <= 0 else "Y")
@@ -225,7 +287,9 @@ def _u_center(k: torch.Tensor) -> torch.Tensor:
 
 def _rbf_gram(xc: torch.Tensor, sigma: float, name: str) -> torch.Tensor:
     sq = xc.square().sum(dim=1)
-    d2 = (sq[:, None] + sq[None, :] - 2.0 * (xc @ xc.T)).clamp_min(0.0)
+    size = sq[:, None] + sq[None, :]
+    d2 = (size - 2.0 * (xc @ xc.T)).clamp_min(0.0)
+    d2[d2 <= 64 * torch.finfo(d2.dtype).eps * size] = 0.0  # rounding noise of the expansion: duplicate samples
     d2.fill_diagonal_(0.0)
     # np.median over all n^2 entries incl. the zero diagonal (mean of the two middle values), as Kornblith et al.
     med = float(np.median(d2.cpu().numpy()))
@@ -282,6 +346,17 @@ def _hsic1_grams(k: torch.Tensor, l: torch.Tensor) -> torch.Tensor:  # noqa: E74
     return (tr + torch.outer(sk, sl) / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * (rk @ rl.T)) / (n * (n - 3))
 
 
+def _hsic1_size(k: torch.Tensor) -> torch.Tensor:
+    """(A,) the sizes of the terms of HSIC_1(K, K) for batched Grams k (A, n, n): HSIC_1(K, K) below 64 eps of
+    this is rounding noise of their difference, i.e. 0."""
+    n = k.shape[-1]
+    k = k.clone()
+    k.diagonal(dim1=-2, dim2=-1).zero_()
+    rk = k.sum(dim=-1)
+    tr = k.square().sum(dim=(-2, -1))
+    return (tr + rk.sum(-1).square() / ((n - 1) * (n - 2)) + 2.0 / (n - 2) * rk.square().sum(-1)) / (n * (n - 3))
+
+
 def hsic1(X, Y) -> float:
     """Unbiased HSIC_1 (Song et al. 2012) of the linear kernels of X and Y (needs n >= 4; can be negative).
 
@@ -290,10 +365,15 @@ def hsic1(X, Y) -> float:
 
     The estimator is invariant to translating X or Y, so the features are centred first (numerically safer).
     """
-    x, y, _, _ = _pair(X, Y, min_n=4)
+    exps: list[int] = []
+    x, y, _, _ = _pair(X, Y, min_n=4, exponents=exps)
     xc = x - x.mean(0, keepdim=True)
     yc = y - y.mean(0, keepdim=True)
-    return float(_hsic1_grams((xc @ xc.T)[None], (yc @ yc.T)[None])[0, 0])
+    h = _hsic1_grams((xc @ xc.T)[None], (yc @ yc.T)[None])[0, 0]
+    out = float(torch.ldexp(h, torch.tensor(2 * (exps[0] + exps[1]), dtype=torch.int64)))  # undo the scaling
+    if not np.isfinite(out):
+        raise ValueError(f"hsic1: the value ({float(h)!r} x 2^{2 * (exps[0] + exps[1])}) is outside the float64 range")
+    return out
 
 
 def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol: float | None = None) -> float:
@@ -317,6 +397,7 @@ def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol:
             "HSIC_1 needs at least 4. Pass drop_last=True or choose another batch_size."
         )
     sxy = sxx = syy = 0.0
+    size = torch.zeros(2, dtype=torch.float64)
     nb = 0
     for start in range(0, n, batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -327,10 +408,12 @@ def minibatch_cka(X, Y, batch_size: int, drop_last: bool = False, constant_rtol:
         grams = torch.stack([xb @ xb.T, yb @ yb.T])
         h = _hsic1_grams(grams, grams)
         sxx, sxy, syy = sxx + h[0, 0], sxy + h[0, 1], syy + h[1, 1]
+        size += _hsic1_size(grams)
         nb += 1
-    if sxx <= 0 or syy <= 0:
+    tiny = 64 * torch.finfo(torch.float64).eps * size  # below that, HSIC_1(K, K) is rounding noise, i.e. 0
+    if nb == 0 or sxx <= tiny[0] or syy <= tiny[1]:
         raise SimilarityUndefinedError(
-            "minibatch CKA is undefined: mean HSIC_1(K, K) of " + ("X" if sxx <= 0 else "Y") + " is not positive"
+            "minibatch CKA is undefined: mean HSIC_1(K, K) of " + ("X" if nb == 0 or sxx <= tiny[0] else "Y") + " is not positive"
         )
     return float(sxy / torch.sqrt(sxx * syy))
 

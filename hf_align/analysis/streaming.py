@@ -37,8 +37,9 @@ Multi-process: :meth:`StreamingCKA.reduce` re-shifts every process's E to rank 0
 it (``torch.distributed``, any backend that supports float64 sums, e.g. gloo), so the result is the one of
 a single process over all the data.
 
-Undefined entries: a block whose centred features vanish (``t_k <= constant_rtol^2 ||X_k||_F^2``, see
-:mod:`hf_align.analysis.similarity`) makes its row and column undefined; results come as a
+Undefined entries: a block none of whose features (columns) varies beyond its own rounding
+(:func:`hf_align.analysis.similarity.feature_varies`, from the diagonal of C and the raw per-column sums) makes
+its row and column undefined; results come as a
 :class:`SimilarityMatrix` with the values (NaN there), the boolean ``undefined`` mask and the indices of
 the ``constant_blocks`` -- never a silent NaN, 0 or 1.
 """
@@ -50,7 +51,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .similarity import _check_sequence, default_constant_rtol
+from .similarity import _check_sequence, default_constant_rtol, feature_varies
 
 __all__ = ["SimilarityMatrix", "StreamingCKA", "StreamingCosine", "StreamingMinibatchCKA", "StreamingMean"]
 
@@ -245,20 +246,15 @@ class StreamingCKA:
             Ec = _reshift(self.E, -su / n, self.offs)
             P = Ec[D : D + K, D : D + K]
         t = torch.stack([torch.diagonal(S[self.offs[k] : self.offs[k + 1], self.offs[k] : self.offs[k + 1]]).sum() for k in range(K)]) - q / n
-        # raw squared norms ||X_k||_F^2 = sum ||u^k + s^k||^2
-        E, s = self.E, self.shift
-        raw = torch.stack(
-            [
-                E[D + k, -1] + 2 * (s[self.offs[k] : self.offs[k + 1]] @ E[self.offs[k] : self.offs[k + 1], -1])
-                + n * s[self.offs[k] : self.offs[k + 1]].square().sum()
-                for k in range(K)
-            ]
+        # per column j: centred sum of squares sum_i x~_ij^2 and raw sum_i x_ij^2 = sum (u_ij + s_j)^2
+        s = self.shift
+        diag = torch.diagonal(S)
+        col_c = (diag - su.square() / n).clamp_min(0.0)
+        col_r = diag + 2 * s * su + n * s.square()
+        rtol = [default_constant_rtol(d) if self.constant_rtol is None else self.constant_rtol for d in self.rtol_dtypes]
+        const = torch.stack(
+            [~feature_varies(col_c[self.offs[k] : self.offs[k + 1]], col_r[self.offs[k] : self.offs[k + 1]], rtol[k]) for k in range(K)]
         )
-        rtol = torch.tensor(
-            [default_constant_rtol(d) if self.constant_rtol is None else self.constant_rtol for d in self.rtol_dtypes],
-            dtype=torch.float64,
-        )
-        const = (t <= rtol.square() * raw) | (raw == 0)
         return n, H, P, t, const
 
     def _finish(self, H: torch.Tensor, const: torch.Tensor, n: float) -> SimilarityMatrix:
@@ -288,7 +284,11 @@ class StreamingCKA:
         n, H, P, t, const = self._centered(need_p=True)
         if n < 4:
             raise ValueError(f"debiased CKA needs at least 4 samples, got {int(n)}")
-        H = H - n / (n - 2) * P + torch.outer(t, t) / ((n - 1) * (n - 2))
+        terms = (H, -n / (n - 2) * P, torch.outer(t, t) / ((n - 1) * (n - 2)))
+        H = terms[0] + terms[1] + terms[2]
+        # H_kk is a difference of terms: below 64 eps of their size it is rounding noise, i.e. 0 (undefined)
+        size = torch.diagonal(terms[0].abs() + terms[1].abs() + terms[2].abs())
+        const = const | (torch.diagonal(H) <= 64 * torch.finfo(torch.float64).eps * size)
         return self._finish(H, const, n)
 
     def mean(self) -> list[torch.Tensor]:
@@ -345,7 +345,8 @@ class StreamingCosine:
 
     ``center``: optional list of K per-block mean vectors subtracted from every sample first (the exact
     whole-dataset means come from a first pass, e.g. :class:`StreamingMean`). A block with a zero-norm
-    sample (``||x_i|| == 0``, or with centring ``||x_i - mean|| <= constant_rtol ||x_i||``) is undefined.
+    sample (``||x_i|| == 0``, or with centring: no entry of ``x_i - mean`` beyond the rounding of the raw
+    value, :func:`~hf_align.analysis.similarity.feature_varies` applied to the sample) is undefined.
     """
 
     def __init__(self, center: list[torch.Tensor] | None = None, constant_rtol: float | None = None):
@@ -364,17 +365,19 @@ class StreamingCosine:
             raise ValueError(f"sample-wise cosine needs all layers to have the same width, got {sorted(widths)}")
         x = torch.stack([b.to(torch.float64) for b in blocks], dim=1)  # (b, K, d)
         _check_finite(x, "batch")
-        raw = torch.linalg.vector_norm(x, dim=-1)  # (b, K)
+        raw_x = x
         if self.center is not None:
             if len(self.center) != x.shape[1]:
                 raise ValueError(f"center has {len(self.center)} mean vectors, but the batch has {x.shape[1]} blocks")
-            x = x - torch.stack(self.center).to(x.device)[None]
+            c = torch.stack(self.center).to(x.device)[None]
+            raw_x = (x.square() + c.square()).sqrt()  # the operands of the subtraction set its rounding
+            x = x - c
         norms = torch.linalg.vector_norm(x, dim=-1)  # (b, K)
         rtols = torch.tensor(
             [default_constant_rtol(b.dtype) if self.constant_rtol is None else self.constant_rtol for b in blocks],
             dtype=torch.float64,
         )
-        zero = (norms <= rtols[None] * raw) | (raw == 0) if self.center is not None else (norms == 0)
+        zero = ~feature_varies(x.square(), raw_x.square(), rtols[None]) if self.center is not None else (norms == 0)
         xn = x / torch.where(zero, torch.ones_like(norms), norms)[..., None]
         s = torch.einsum("bkd,bld->kl", xn, xn).cpu()
         z = zero.sum(0).cpu()
@@ -419,8 +422,9 @@ class StreamingMinibatchCKA:
     def __init__(self, constant_rtol: float | None = None):
         self.constant_rtol = constant_rtol
         self.sums: torch.Tensor | None = None
-        self.cen = None  # per block: sum of ||X_b - mean_b||_F^2
-        self.raw = None  # per block: sum of ||X_b||_F^2
+        self.cen = None  # per block: per-column sums of squares of the per-batch centred features
+        self.raw = None  # per block: per-column sums of squares of the raw features
+        self.size = None  # per block: sizes of the terms of HSIC_1(K, K) (bounds its rounding noise)
         self.batches = 0
         self.n = 0
         self.dims = None
@@ -428,7 +432,7 @@ class StreamingMinibatchCKA:
 
     @torch.no_grad()
     def update(self, blocks) -> None:
-        from .similarity import _hsic1_grams
+        from .similarity import _hsic1_grams, _hsic1_size
 
         blocks = _validate_blocks(blocks, self.dims)
         b = blocks[0].shape[0]
@@ -444,16 +448,18 @@ class StreamingMinibatchCKA:
         else:
             grams = torch.stack([x @ x.T for x in xc])
         h = _hsic1_grams(grams, grams).cpu()
-        cen = torch.stack([x.square().sum() for x in xc]).cpu()
-        raw = torch.stack([x.square().sum() for x in xs]).cpu()
+        size = _hsic1_size(grams).cpu()
+        cen = [x.square().sum(0).cpu() for x in xc]  # per block, per column
+        raw = [x.square().sum(0).cpu() for x in xs]
         if self.sums is None:
-            self.sums, self.cen, self.raw = h, cen, raw
+            self.sums, self.cen, self.raw, self.size = h, cen, raw, size
             self.dims = [x.shape[1] for x in xs]
             self.dtypes = [x.dtype for x in blocks]
         else:
             self.sums += h
-            self.cen += cen
-            self.raw += raw
+            self.size = self.size + size
+            self.cen = [a + b for a, b in zip(self.cen, cen)]
+            self.raw = [a + b for a, b in zip(self.raw, raw)]
             self.dtypes = [_less_precise(a, x.dtype) for a, x in zip(self.dtypes, blocks)]
         self.batches += 1
         self.n += b
@@ -462,23 +468,25 @@ class StreamingMinibatchCKA:
         dist = _dist()
         if dist is not None:
             K = self.sums.shape[0]
-            flat = torch.cat([self.sums.flatten(), self.cen, self.raw, torch.tensor([float(self.batches), float(self.n)], dtype=torch.float64)])
+            flat = torch.cat([self.sums.flatten(), *self.cen, *self.raw, self.size, torch.tensor([float(self.batches), float(self.n)], dtype=torch.float64)])
             dist.all_reduce(flat)
             self.sums = flat[: K * K].reshape(K, K)
-            self.cen = flat[K * K : K * K + K]
-            self.raw = flat[K * K + K : K * K + 2 * K]
+            o = K * K
+            for part in (self.cen, self.raw):
+                for k in range(K):
+                    part[k] = flat[o : o + self.dims[k]]
+                    o += self.dims[k]
+            self.size = flat[o : o + K]
             self.batches, self.n = int(round(float(flat[-2]))), int(round(float(flat[-1])))
         return self
 
     def minibatch_cka(self) -> SimilarityMatrix:
         if self.sums is None:
             raise ValueError("no data: call update() first")
-        rtol = torch.tensor(
-            [default_constant_rtol(d) if self.constant_rtol is None else self.constant_rtol for d in self.dtypes],
-            dtype=torch.float64,
-        )
+        rtol = [default_constant_rtol(d) if self.constant_rtol is None else self.constant_rtol for d in self.dtypes]
         d = torch.diagonal(self.sums).clone()
-        bad = (self.cen <= rtol.square() * self.raw) | (self.raw == 0) | (d <= 0)
+        const = torch.stack([~feature_varies(c, r, t) for c, r, t in zip(self.cen, self.raw, rtol)])
+        bad = const | (d <= 64 * torch.finfo(torch.float64).eps * self.size)  # HSIC_1(K, K) of rounding noise
         d = torch.where(bad, torch.ones_like(d), d)
         vals = self.sums / torch.sqrt(torch.outer(d, d))
         undef = bad[:, None] | bad[None, :]

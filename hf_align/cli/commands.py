@@ -38,6 +38,7 @@ from .loading import (
     collator,
     encode,
     ensure_pad_token,
+    evaluation_split,
     fresh_model_for,
     is_classifier,
     label_space,
@@ -46,7 +47,6 @@ from .loading import (
     load_processor,
     load_raw_dataset,
     loader,
-    select_split,
     supported_text,
     train_eval_splits,
 )
@@ -113,6 +113,12 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
     from ..trainers import AlignedTrainer
 
     set_seed(args.seed)
+    resume = args.resume_from_checkpoint  # TrainingArguments only records it; the Trainer acts on train()'s argument
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True  # the last checkpoint in --output_dir
+    elif isinstance(resume, str) and not os.path.isdir(resume):
+        raise CLIError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (or pass True for the last one "
+                       f"in --output_dir)")
     checked = _check_model(model_args, data_args, need_classifier=False, command="train")
     data = load_raw_dataset(data_args)
     train_raw, eval_raw, note = train_eval_splits(data, data_args, seed=args.seed)
@@ -121,7 +127,7 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
                                                                       [train_raw, eval_raw], args.seed)
     trainer = AlignedTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
                              processing_class=processor, data_collator=collator(processor, modality))
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     metrics = trainer.evaluate()
     L = trainer.num_layers
     print("accuracy of every block through the model's own head (evaluation split):")
@@ -142,7 +148,7 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
 
     checked = _check_model(model_args, data_args, need_classifier=False, command="analyze")
     data = load_raw_dataset(data_args)
-    raw = select_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
+    raw = evaluation_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
     model, processor, modality, space, (encoded,) = _prepare(model_args, data_args, checked, [raw], 0)
     model.eval()
     view = LayerView(model)
@@ -205,7 +211,7 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
 
     checked = _check_model(model_args, data_args, need_classifier=True, command="evaluate")
     data = load_raw_dataset(data_args)
-    raw = select_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
+    raw = evaluation_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
     model, processor, modality, space, (encoded,) = _prepare(model_args, data_args, checked, [raw], 0)
     early = EarlyExitModel(model.eval(), policy=args.policy, min_layer=args.min_layer,
                            **({"threshold": None} if args.policy in ("patience", "fixed") else {}),

@@ -55,7 +55,10 @@ def scipy_docs_encoder(texts, num_labels: int, num_layers: int = 4, hidden_size:
 
 def digits_image_processor():
     """The processor matching :func:`hf_align.data.load_digits_dataset`: 8x8 grey images scaled to [-1, 1]."""
-    from transformers import ViTImageProcessor
+    try:  # the PIL backend by name: ``ViTImageProcessor`` is the torchvision one and warns when falling back to PIL
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:  # transformers < 5.x without separate backends
+        from transformers import ViTImageProcessor
 
     return ViTImageProcessor(size={"height": 8, "width": 8}, do_resize=True, image_mean=[0.5], image_std=[0.5])
 
@@ -74,6 +77,9 @@ VALIDATION_SIZE = 300  # images carved from the training split for calibration (
 
 
 def run_demo(output_dir: str = "hf-align-demo", steps: int = 800, seed: int = 0) -> dict:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        # max_steps=0 would make the Trainer fall back to its default of 3 epochs
+        raise ValueError(f"--steps must be a positive number of training steps, got {steps!r}")
     from transformers import pipeline
 
     from ..analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation

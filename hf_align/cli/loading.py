@@ -114,6 +114,16 @@ def select_split(data, split: str, max_samples: int | None = None):
     return subsample(data[split], max_samples)
 
 
+def evaluation_split(data, split: str, max_samples: int | None = None):
+    """The split to evaluate / analyze: ``split``, or the only split of a one-split dataset (a single csv / json
+    file loads as ``train``), with a note saying so."""
+    if split not in data and len(data) == 1:
+        (only,) = list(data)
+        print(f"data: no {split!r} split; using the only split, {only!r}")
+        split = only
+    return select_split(data, split, max_samples)
+
+
 def train_eval_splits(data, args: DataArguments, seed: int = 0):
     """(train, eval, note): the test split when there is one, else ``eval_split_size`` of train held out."""
     train = select_split(data, args.dataset_train_split)
@@ -125,6 +135,8 @@ def train_eval_splits(data, args: DataArguments, seed: int = 0):
         from sklearn.model_selection import train_test_split
 
         labels = train[args.label_column] if args.label_column in train.column_names else None
+        if labels is not None:
+            check_missing_labels(labels, args.label_column, args.dataset_train_split)
         idx = np.arange(len(train))
         try:
             fit, held = train_test_split(idx, test_size=args.eval_split_size, random_state=seed, stratify=labels)
@@ -148,6 +160,20 @@ class LabelSpace:
     from_strings: bool  # the column holds strings mapped through ``names``
 
 
+# a label space may hold ids the data never uses (a subset of ImageNet's 1000 classes), but not this many more:
+# one id of 10^12 in a csv must not build a 10^12-class classifier
+MAX_UNUSED_LABEL_IDS = 1000
+
+
+def check_missing_labels(values, column: str, split: str | None = None) -> None:
+    """Every example needs a class label: ``null`` (JSON) / empty or ``nan`` (csv) fail here, in one line."""
+    missing = [i for i, v in enumerate(values) if v is None or (isinstance(v, float) and not np.isfinite(v))]
+    if missing:
+        where = f" of the {split!r} split" if split else ""
+        raise CLIError(f"label column {column!r}{where} has {len(missing)} missing value(s) (null / NaN; first at row "
+                       f"{missing[0]}); every example needs a class label: fill in or drop those rows")
+
+
 def label_space(datasets_: list, column: str) -> LabelSpace:
     """The classes of ``column`` over the given splits: ClassLabel names, ``0..max`` for integer ids, or the
     sorted distinct strings."""
@@ -159,6 +185,7 @@ def label_space(datasets_: list, column: str) -> LabelSpace:
     values = [v for ds in datasets_ for v in ds[column]]
     if not values:
         raise CLIError(f"label column {column!r} is empty")
+    check_missing_labels(values, column)
     if all(isinstance(v, str) for v in values):
         return LabelSpace(sorted(set(values)), True)
     if not all(isinstance(v, (int, np.integer)) or (isinstance(v, float) and float(v).is_integer()) for v in values):
@@ -171,6 +198,10 @@ def label_space(datasets_: list, column: str) -> LabelSpace:
     if low < 0:
         raise CLIError(f"label column {column!r} holds negative class ids (min {low}); expected ids in 0..num_labels-1 "
                        f"({IGNORE_INDEX} is ignored)")
+    distinct = len(set(kept))
+    if high + 1 > distinct + MAX_UNUSED_LABEL_IDS:
+        raise CLIError(f"label column {column!r} holds the class id {high}, far beyond its {distinct} distinct ids: that "
+                       f"would build a {high + 1}-class classifier. Use ids 0..{distinct - 1} (or string labels)")
     return LabelSpace([str(i) for i in range(high + 1)], False)
 
 
@@ -250,6 +281,7 @@ def load_classifier(model_args: ModelArguments, config, modality: str, space: La
     """The classifier: the saved one when the checkpoint has a classification head, else a new head with
     ``len(space.names)`` labels on the pretrained body. Returns ``(model, new_head: bool)``."""
     import transformers
+    from safetensors import SafetensorError
 
     auto = getattr(transformers, TASK_AUTO["sequence-classification" if modality == "text" else "image-classification"])
     common = dict(use_safetensors=True, **model_args.hub_kwargs())
@@ -262,7 +294,7 @@ def load_classifier(model_args: ModelArguments, config, modality: str, space: La
         return auto.from_pretrained(path, **labels, **common), True
     except CLIError:
         raise
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # e.g. a truncated model.safetensors
         raise CLIError(f"could not load the weights of {path!r} (safetensors only): {_first_line(err)}") from err
 
 

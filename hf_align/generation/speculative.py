@@ -790,7 +790,7 @@ def self_speculative(
         if streamer is not None:
             streamer.end()
         stats.seconds = time.perf_counter() - start_time
-    if chooser is not None:
+    if chooser is not None and chooser.current is not None:  # (not chosen when the first token ended the call)
         stats.exit_layer, stats.num_draft_tokens = chooser.choice()
         stats.calibration = chooser.report()
     stats.new_tokens = decoder.out.shape[1] - prompt

@@ -65,6 +65,16 @@ def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, coll
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
+def _labelled(layer_logits: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The rows whose label is not -100 (the ignore index): unlabelled rows are neither right nor wrong."""
+    logits, labels = layer_logits
+    labels = np.asarray(labels)
+    keep = labels != -100
+    if not keep.any():
+        raise ValueError("the calibration data has no labelled rows (every label is -100, the ignore index)")
+    return (logits, labels) if keep.all() else (np.asarray(logits)[keep], labels[keep])
+
+
 def simulate_exits(layer_logits: np.ndarray, settings: EarlyExitConfig) -> np.ndarray:
     """Exit block (1-based) of each sample under ``settings``, from (N, L, C) logits, with the very rule
     :class:`EarlyExitModel` applies after each block (``_exit_mask``)."""
@@ -117,10 +127,11 @@ class ExitCurve:
         head = f"| {key} | accuracy | mean exit block | compute (blocks run / L) |" + (" latency ms |" if self.latency_ms else "")
         lines = [head, "| ---: | ---: | ---: | ---: |" + (" ---: |" if self.latency_ms else "")]
         for i, v in enumerate(self.values):
-            row = f"| {v} | {100 * self.accuracy[i]:.2f}% | {self.mean_exit_layer[i]:.2f} | {self.mean_exit_layer[i] / self.num_layers:.2f} |"
+            value = f"{v} **chosen**" if v == self.chosen else f"{v}"  # in the value cell: 4 (5) columns
+            row = f"| {value} | {100 * self.accuracy[i]:.2f}% | {self.mean_exit_layer[i]:.2f} | {self.mean_exit_layer[i] / self.num_layers:.2f} |"
             if self.latency_ms:
                 row += f" {self.latency_ms[i]:.2f} |"
-            lines.append(row + (" **chosen**" if v == self.chosen else ""))
+            lines.append(row)
         lines.append(f"\nfull depth ({self.num_layers} blocks): {100 * self.full_accuracy:.2f}%")
         return "\n".join(lines)
 
@@ -150,9 +161,10 @@ def exit_curve(model: EarlyExitModel, data, policy: str | None = None, values=No
                collate_fn=None, min_layer: int | None = None, measure_latency: bool = False,
                latency_samples: int = 64, latency_batch_size: int = 1, progress: bool = True,
                layer_logits: tuple[np.ndarray, np.ndarray] | None = None) -> ExitCurve:
-    """The accuracy / mean exit depth (/ latency) curve of one policy over its settings, on labelled data."""
+    """The accuracy / mean exit depth (/ latency) curve of one policy over its settings, on labelled data
+    (rows labelled -100, the ignore index, are left out)."""
     policy = policy or model.settings.policy
-    logits, labels = layer_logits if layer_logits is not None else collect_layer_logits(model, data, batch_size, collate_fn, progress)
+    logits, labels = _labelled(layer_logits if layer_logits is not None else collect_layer_logits(model, data, batch_size, collate_fn, progress))
     N, L, C = logits.shape
     values = list(values) if values is not None else _default_thresholds(policy, C, L)
     min_layer = model.settings.min_layer if min_layer is None else min_layer
@@ -236,7 +248,7 @@ def calibrate(model: EarlyExitModel, data, tolerance: float = 0.01, policy: str 
             keys = ("batch_size", "collate_fn", "progress")
             kwargs["layer_logits"] = collect_layer_logits(model, data, **{k: kwargs[k] for k in keys if k in kwargs})
         curve = exit_curve(model, data, policy=policy, values=values, **kwargs)
-        logits, labels = kwargs["layer_logits"]
+        logits, labels = _labelled(kwargs["layer_logits"])
         pred = logits.argmax(-1)
         full_correct = pred[:, -1] == labels
         min_layer = model.settings.min_layer if kwargs.get("min_layer") is None else kwargs["min_layer"]

@@ -68,11 +68,11 @@ class EarlyExitConfig:
         if self.policy == "entropy":
             if self.threshold is None or not (0 <= float(self.threshold) < math.inf):
                 raise ValueError(f"entropy threshold must be a finite number >= 0 (nats), got {self.threshold!r}")
-        if self.policy == "patience" and (not isinstance(self.patience, int) or self.patience < 1):
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:  # True is no count
             raise ValueError(f"patience must be an integer >= 1, got {self.patience!r}")
-        if self.policy == "fixed" and (not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers):
+        if self.policy == "fixed" and (isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int) or not 1 <= self.exit_layer <= num_layers):
             raise ValueError(f"exit_layer must be an integer in [1, {num_layers}] for the fixed policy, got {self.exit_layer!r}")
-        if not isinstance(self.min_layer, int) or not 1 <= self.min_layer <= num_layers:
+        if isinstance(self.min_layer, bool) or not isinstance(self.min_layer, int) or not 1 <= self.min_layer <= num_layers:
             raise ValueError(f"min_layer must be an integer in [1, {num_layers}], got {self.min_layer!r}")
         return self
 

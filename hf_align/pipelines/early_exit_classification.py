@@ -88,6 +88,10 @@ class EarlyExitClassificationPipeline(Pipeline):
                 inputs = load_image(inputs)
             elif not _is_image(inputs):
                 raise ValueError(f"expected an image (PIL, numpy array, tensor or path), got {type(inputs).__name__}")
+            # a PIL image in the model's channel count (an RGB photo for a grey-scale model, RGBA for an RGB one)
+            mode = {1: "L", 3: "RGB"}.get(getattr(self.model.config, "num_channels", None))
+            if mode is not None and hasattr(inputs, "convert") and getattr(inputs, "mode", mode) != mode:
+                inputs = inputs.convert(mode)
             return self.image_processor(images=inputs, return_tensors="pt")
         if _is_image(inputs):
             raise ValueError(f"{type(self.model).__name__} is a text classifier but got an image "

@@ -48,6 +48,14 @@ def layer_weights(scheme: str | Sequence[float], num_layers: int, layers: Sequen
     return weights
 
 
+def _has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU, ...): the DataLoader's own test for pinning memory."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class AlignedTrainingArguments(TrainingArguments):
     """``TrainingArguments`` for aligned training (Jiang, Zhou & Zhu, ICLR 2025).
@@ -126,6 +134,8 @@ class AlignedTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin for: the DataLoader would only warn on every run
         if isinstance(self.layer_weights, str):
             if self.layer_weights not in LAYER_WEIGHT_SCHEMES:
                 raise ValueError(

@@ -71,6 +71,12 @@ class AlignedTrainer(Trainer):
         if not isinstance(args, AlignedTrainingArguments):
             raise TypeError(f"args must be AlignedTrainingArguments, got {type(args).__name__}")
         self.layer_view = LayerView(model)  # unsupported / mismatching models fail here, before anything runs
+        if not self.layer_view.has_head:
+            raise ValueError(
+                f"AlignedTrainer trains the model's own head after every block, but {type(model).__name__} has no head "
+                "(a base model). Load a model with one, e.g. AutoModelForSequenceClassification / "
+                "AutoModelForImageClassification (num_labels=...) or AutoModelForCausalLM."
+            )
         self._check_batch_labels = False  # set when a dataset's labels cannot be read up front
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
@@ -98,6 +104,10 @@ class AlignedTrainer(Trainer):
     def _check_labels(self, dataset, name: str, data_collator=None) -> None:
         if dataset is None:
             return
+        if isinstance(dataset, torch.utils.data.IterableDataset) or type(dataset).__name__ == "IterableDataset":
+            # streams (datasets.IterableDataset's [0] is a column, not an example): checked on every batch
+            self._check_batch_labels = True
+            return
         try:
             sample = dataset[0]
         except Exception:  # iterable datasets: checked at the first batch instead
@@ -106,6 +116,13 @@ class AlignedTrainer(Trainer):
         if not isinstance(sample, Mapping):
             return
         if any(k in sample for k in _LABEL_KEYS):
+            label = next(sample[k] for k in _LABEL_KEYS if k in sample)
+            if self._single_label_classes() is not None and isinstance(label, (str, bytes)):
+                raise TypeError(
+                    f"{name} labels must be integer class ids in [0, {self._single_label_classes()}), got the string "
+                    f"{label!r}. Map them to ids first, e.g. dataset.class_encode_column('label') or "
+                    "dataset.map(lambda x: {'label': label2id[x['label']]}), and pass id2label/label2id to the model."
+                )
             self._check_label_range(dataset, name)
             return
         if self.layer_view.task == "causal-lm" and data_collator is not None:
@@ -411,14 +428,40 @@ class AlignedTrainer(Trainer):
         # a README this save is about to write (PEFT writes its template card for adapters) may be replaced by
         # ours; one that was there before and is not ours is the user's and is kept
         replaceable = not os.path.exists(card) or _is_hf_align_card(card)
+        had_args_bin = os.path.exists(os.path.join(output_dir, "training_args.bin"))
         super()._save(output_dir, state_dict)
         if self.layer_view.task == "causal-lm" and self._peft_base() is None and self.args.should_save:
             from ..hub import write_custom_generate
 
             # transformers' custom_generate/: the saved LM decodes self-speculatively with trust_remote_code=True
             write_custom_generate(output_dir)
+        if self.args.should_save:
+            # the arguments as JSON, like DREAMTrainer: no pickle in the folder (or on the Hub)
+            args_bin = os.path.join(output_dir, "training_args.bin")
+            if os.path.exists(args_bin) and not had_args_bin:
+                os.remove(args_bin)
+            with open(os.path.join(output_dir, "training_args.json"), "w") as f:
+                f.write(self.args.to_json_string())
         if self.args.write_model_card and self.args.should_save:
             self._write_card(output_dir, force=replaceable)
+
+    # layer-dropout draws continue where they stopped when a run resumes (saved beside the Trainer's RNG states)
+    def _dropout_rng_file(self, folder: str) -> str:
+        return os.path.join(folder, f"layer_dropout_rng_{self.args.process_index}.safetensors")
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        super()._save_rng_state(output_dir)
+        if self.args.layer_dropout > 0:
+            from safetensors.torch import save_file
+
+            save_file({"state": self._dropout_generator.get_state()}, self._dropout_rng_file(output_dir))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and self.args.layer_dropout > 0 and os.path.isfile(self._dropout_rng_file(checkpoint)):
+            from safetensors.torch import load_file
+
+            self._dropout_generator.set_state(load_file(self._dropout_rng_file(checkpoint))["state"])
 
     def create_model_card(self, language: str | None = None, license: str | None = None, tags=None,
                           model_name: str | None = None, finetuned_from: str | None = None, tasks=None,

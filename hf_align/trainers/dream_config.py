@@ -10,6 +10,14 @@ from transformers import TrainingArguments
 __all__ = ["DREAMTrainingArguments"]
 
 
+def _has_accelerator() -> bool:
+    """Whether torch sees an accelerator (CUDA, MPS, XPU, ...): the DataLoader's own test for pinning memory."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)
+    return bool(accelerator.is_available()) if accelerator is not None else torch.cuda.is_available()
+
+
 @dataclass
 class DREAMTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the DREAM / SR3 options.
@@ -93,6 +101,8 @@ class DREAMTrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.dataloader_pin_memory and not _has_accelerator():
+            self.dataloader_pin_memory = False  # nothing to pin for: the DataLoader would only warn on every run
         p = float(self.dream_detail_preservation)
         if math.isnan(p) or p < 0:
             raise ValueError(f"dream_detail_preservation must be >= 0 or inf, got {self.dream_detail_preservation}")

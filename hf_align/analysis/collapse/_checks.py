@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -65,7 +66,19 @@ def _check_classes(k: int, what: str = "the metric") -> None:
         raise ValueError(f"{what} needs at least 2 classes, got {k}")
 
 
+def _unit(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The arrays scaled by one common power of two (exact) so that the largest |entry| lies in [0.5, 1): for the
+    scale-invariant metrics, so features from 1e-300 to 1e300 neither over- nor underflow in products."""
+    top = max((float(np.max(np.abs(a))) if a.size else 0.0) for a in arrays)
+    if top == 0 or not np.isfinite(top):
+        return arrays
+    e = math.frexp(top)[1]
+    return tuple(np.ldexp(a, -e) for a in arrays)
+
+
 def _normalize_rows(V: np.ndarray, name: str) -> np.ndarray:
+    top = np.max(np.abs(V), axis=1) if V.size else np.zeros(V.shape[0])
+    V = np.ldexp(V, -np.frexp(top)[1][:, None])  # each row to max |entry| in [0.5, 1): no over- or underflow
     norms = np.linalg.norm(V, axis=1)
     zero = np.flatnonzero(norms <= 0)
     if zero.size:

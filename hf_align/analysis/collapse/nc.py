@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import _check_classes, _labels, _matrix, _normalize_rows
+from ._checks import _check_classes, _labels, _matrix, _normalize_rows, _unit
 from .gnc2 import gnc2
 from .passes import _block_rows, _cosine_summary, _etf_distance_pair
 from .statistics import ClassStatistics
@@ -33,7 +33,7 @@ def nc1(stats: ClassStatistics, *, convention: str = "zhu", global_mean: str = "
 def equinorm(V: Any) -> float:
     """Equinorm coefficient of variation std_k(||v_k||) / mean_k(||v_k||), std with ddof=1 (Papyan's code,
     ``torch.std``). 0 iff all rows have equal norm."""
-    V = _matrix(V, "V")
+    (V,) = _unit(_matrix(V, "V"))
     _check_classes(V.shape[0], "equinorm")
     norms = np.linalg.norm(V, axis=1)
     if norms.mean() == 0:
@@ -53,7 +53,7 @@ def equiangularity(V: Any, *, precision: str = "auto") -> float:
 def etf_distance(V: Any) -> float:
     """NC2 ETF distance || V V^T/||V V^T||_F - (I_K - 11^T/K)/sqrt(K-1) ||_F (Zhu et al. 2021); 0 iff the
     rows of V form a simplex ETF (up to scale and rotation)."""
-    V = _matrix(V, "V")
+    (V,) = _unit(_matrix(V, "V"))
     _check_classes(V.shape[0], "etf_distance")
     return _etf_distance_pair(V, V)
 
@@ -62,7 +62,7 @@ def nc2(V: Any, *, precision: str = "auto") -> dict[str, float]:
     """All NC2 quantities of the rows of V (W, or the centered class means): ``equinorm``, ``equiangularity``,
     ``cosine_std`` (std with ddof=1 of the K(K-1)/2 off-diagonal cosines, Papyan), ``max_cosine`` and
     ``etf_distance``. One blocked pass over the cosines."""
-    V = _matrix(V, "V")
+    (V,) = _unit(_matrix(V, "V"))
     K = V.shape[0]
     _check_classes(K, "nc2")
     Vn = _normalize_rows(V, "V")
@@ -83,6 +83,7 @@ def nc3_papyan(W: Any, centered_means: Any) -> float:
     """NC3 (Papyan et al.): || W^T/||W||_F - M~^T/||M~||_F ||_F^2 (squared, as in their code)."""
     W = _matrix(W, "W")
     M = _matrix(centered_means, "centered_means", rows=W.shape[0], cols=W.shape[1])
+    (W,), (M,) = _unit(W), _unit(M)
     nw, nm = np.linalg.norm(W), np.linalg.norm(M)
     if nw == 0 or nm == 0:
         raise ValueError("W or the centered means are all zero: NC3 is undefined")
@@ -94,6 +95,7 @@ def nc3_zhu(W: Any, centered_means: Any) -> float:
     W = _matrix(W, "W")
     M = _matrix(centered_means, "centered_means", rows=W.shape[0], cols=W.shape[1])
     _check_classes(W.shape[0], "nc3_zhu")
+    (W,), (M,) = _unit(W), _unit(M)
     return _etf_distance_pair(W, M)
 
 
@@ -106,6 +108,7 @@ def ncc_predict(features: Any, means: Any) -> np.ndarray:
     """Nearest-class-center rule argmin_k ||h - mu_k||^2 = argmax_k (<h, mu_k> - ||mu_k||^2/2), in blocks."""
     M = _matrix(means, "means")
     X = _matrix(features, "features", cols=M.shape[1])
+    X, M = _unit(X, M)  # one common power of two: the argmin is unchanged
     half = 0.5 * np.einsum("kd,kd->k", M, M)
     out = np.empty(X.shape[0], dtype=np.int64)
     b = _block_rows(M.shape[0], 8)

@@ -10,8 +10,9 @@ Features of layer l (0 = embedding output), one per labelled sample:
   ``output_hidden_states`` returns it, pooled (``pooling``, default the family's own).
 
 Every layer's features are cast to float64 before they are accumulated, whatever the model dtype. A layer
-whose features are constant (centred second moment ``tr(Sigma_T) <= rtol^2 E||h||^2`` with ``rtol =
-default_constant_rtol(model dtype)``, e.g. layer 0 at a fixed CLS token) or whose class means all coincide
+whose features are constant (no feature varies beyond its own rounding: per column j,
+``Sigma_T[j, j] <= rtol^2 (E h_j^2 + median_k E h_k^2)`` with ``rtol = default_constant_rtol(model dtype)``,
+:func:`~hf_align.analysis.similarity.feature_varies`; e.g. layer 0 at a fixed CLS token) or whose class means all coincide
 has undefined metrics: it is listed in ``undefined_layers`` (with the reason), its metrics are NaN, and a
 :class:`UndefinedCollapseWarning` names it -- never an exception, unless ``on_undefined="raise"``.
 """
@@ -40,7 +41,7 @@ from ...data import (
 )
 from ...layers import eval_mode
 from ..pooling import pool
-from ..similarity import default_constant_rtol
+from ..similarity import default_constant_rtol, feature_varies
 from .nc import collapse_metrics, gnc3, nc3_papyan, nc3_zhu, ncc_predict
 from .statistics import ClassStatistics
 
@@ -101,18 +102,19 @@ def _default_pooling(view) -> str:
     return default_pooling(view)
 
 
-def _undefined_reason(stats: ClassStatistics, sumsq: float, rtol: float, dtype: torch.dtype) -> str | None:
+def _undefined_reason(stats: ClassStatistics, sumsq: np.ndarray, rtol: float, dtype: torch.dtype) -> str | None:
     """Why the collapse metrics of one layer are undefined, or None.
 
-    Constant: N tr(Sigma_T) = N tr(Sigma_W) + sum_k n_k ||mu_k - mu||^2 <= rtol^2 sum_i ||h_i||^2."""
+    Constant: no column j varies beyond its own rounding (``feature_varies``), with the per-column centred sums
+    N Sigma_T[j, j] = N Sigma_W[j, j] + sum_k n_k (mu_k - mu)_j^2 and the raw sums ``sumsq[j] = sum_i h_ij^2``."""
     n = stats.counts.astype(np.float64)
     means = stats.means()
     mu = (n[:, None] * means).sum(0) / n.sum()
-    total = float(np.trace(stats.within_class_covariance())) * n.sum() + float((n * ((means - mu) ** 2).sum(1)).sum())
-    if sumsq == 0 or total <= rtol**2 * sumsq:
+    total = np.diag(stats.within_class_covariance()) * n.sum() + (n[:, None] * (means - mu) ** 2).sum(0)
+    if not bool(feature_varies(torch.from_numpy(np.maximum(total, 0.0)), torch.from_numpy(np.asarray(sumsq, dtype=np.float64)), rtol)):
         return (
             f"constant features: their centred part is within the resolution of {str(dtype).replace('torch.', '')} "
-            f"(tr(Sigma_T) <= ({rtol:.3g})^2 E||h||^2)"
+            f"(no feature varies by more than {rtol:.3g} of its own magnitude)"
         )
     if not np.any(stats.between_class_covariance()):
         return "all class means are equal (Sigma_B = 0)"
@@ -201,7 +203,7 @@ def collapse_report(
     if nc4:
         require_reiterable(data, "nc4=True (NCC predictions need the class means first)")
     stats = [ClassStatistics(K) for _ in chosen]
-    sumsq = np.zeros(len(chosen))
+    sumsq: list = [0.0] * len(chosen)  # per layer: per-column sums of squares of the raw features
     dev = view.device
     rtol = default_constant_rtol(view.dtype) if constant_rtol is None else float(constant_rtol)
     rank, world = rank_and_world()
@@ -250,14 +252,17 @@ def collapse_report(
                 if f.shape[0] != y.shape[0]:
                     raise ValueError(f"got {f.shape[0]} features but {y.shape[0]} labels in a batch (one label per sample)")
                 f = f.cpu()[keep]
-                sumsq[i] += float(f.square().sum())
+                sumsq[i] = sumsq[i] + f.square().sum(0).numpy()
                 s.update(f, y[keep])
         if world > 1:
             for s in stats:
                 s.reduce()
-            total = torch.from_numpy(sumsq)
-            torch.distributed.all_reduce(total)
-            sumsq = total.numpy()
+            for i in range(len(sumsq)):
+                if np.ndim(sumsq[i]) == 0 and stats[i].dim:  # this process saw no data
+                    sumsq[i] = np.zeros(stats[i].dim)
+                total = torch.as_tensor(sumsq[i], dtype=torch.float64).clone()
+                torch.distributed.all_reduce(total)
+                sumsq[i] = total.numpy()
 
         W = None
         try:
@@ -274,7 +279,7 @@ def collapse_report(
         per_layer: list[dict[str, float]] = []
         reasons: dict[int, str] = {}
         for i, (s, layer) in enumerate(zip(stats, chosen)):
-            why = _undefined_reason(s, float(sumsq[i]), rtol, view.dtype)
+            why = _undefined_reason(s, sumsq[i], rtol, view.dtype)
             if why is None:
                 try:
                     m = collapse_metrics(s, None, global_mean=global_mean)
@@ -323,7 +328,7 @@ def collapse_report(
         )
         if on_undefined == "raise":
             raise ValueError(msg)
-        warnings.warn(msg, UndefinedCollapseWarning, stacklevel=2)
+        warnings.warn(msg, UndefinedCollapseWarning, stacklevel=3)  # 3: past torch.no_grad's wrapper, to the caller
     return CollapseReport(
         chosen, per_layer, classifier, stats[0].num_samples, K, pooling, stats,
         features=features, undefined_layers=sorted(reasons), undefined_reasons=reasons,

@@ -60,6 +60,13 @@ class ClassStatistics:
         keep = y != IGNORE_INDEX
         if not keep.all():
             X, y = X[keep], y[keep]
+        top = float(np.max(np.abs(X))) if X.size else 0.0
+        if top > 2.0**500 or 0 < top < 2.0**-500:
+            raise ValueError(
+                f"features of magnitude {top:.3g}: their second moments (the within-class scatter) would over- or "
+                "underflow float64 (|h| must lie within about 1e-150 .. 1e150). Rescale them -- the collapse "
+                "metrics are scale invariant."
+            )
         if self.dim is None:
             self._allocate(X.shape[1])
         if X.shape[0] == 0:
