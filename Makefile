@@ -17,6 +17,7 @@ demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/hf-align demo
 
 test: install
+	$(BIN)/lint-imports  # the layering and no-cycle contracts of pyproject.toml (docs/architecture.md)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-slow: install
@@ -24,5 +25,6 @@ test-slow: install
 
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports
 
 .PHONY: install demo test test-slow lint

@@ -1,4 +1,4 @@
-"""Scale benchmark for hf_align.collapse: all metrics at K >> d, and the projected-gradient reference.
+"""Scale benchmark for hf_align.analysis.collapse: all metrics at K >> d, and the projected-gradient reference.
 
     python benchmarks/collapse_scale.py --K 10000 --d 64 --repeats 3 --baseline-classes 4 \
         --out benchmarks/results/collapse_K10000_d64.json
@@ -20,7 +20,17 @@ import time
 import numpy as np
 import torch
 
-from hf_align.collapse import ClassStatistics, gnc2, gnc2_projected_gradient, gnc3, nc1, nc2, nc3_papyan, nc3_zhu, nc4
+from hf_align.analysis.collapse import (
+    ClassStatistics,
+    gnc2,
+    gnc2_projected_gradient,
+    gnc3,
+    nc1,
+    nc2,
+    nc3_papyan,
+    nc3_zhu,
+    nc4,
+)
 
 
 def run_once(W, K, d, per_class, nc4_samples, seed):

@@ -85,7 +85,7 @@ def build_model(task: dict, seed: int = 0, multi_exit: bool = False):
     """The task's model, from a config (random init, seeded). ``multi_exit``: the separate-heads baseline."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    from hf_align.demo import digits_vit
+    from hf_align.cli.demo import digits_vit
 
     torch.manual_seed(seed)
     if task["name"] == "digits-vit":

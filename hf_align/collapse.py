@@ -1,7 +1,5 @@
-"""Neural-collapse metrics (NC1-NC4, GNC2, GNC3, Tammes): moved to :mod:`hf_align.analysis.collapse`.
+"""Moved to :mod:`hf_align.analysis.collapse`; this path warns once and goes in hf-align 0.3."""
 
-This module re-exports its public names so that ``from hf_align.collapse import ...`` keeps working.
-"""
+from ._deprecated import moved
 
-from .analysis.collapse import *  # noqa: F401,F403
-from .analysis.collapse import __all__  # noqa: F401
+__getattr__, __all__ = moved(__name__, "hf_align.analysis.collapse")

@@ -205,6 +205,61 @@ def push_folder(save: Callable[[str], Any], repo_id: str, *, commit_message: str
                                  ignore_patterns=["README.md"] if users else None)
 
 
+def push_to_hub(artefact: Any, repo_id: str, *, default_message: str, save_kwargs: dict | None = None,
+                commit_message: str | None = None, commit_description: str | None = None, private: bool | None = None,
+                token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                **card_metadata: Any):
+    """The one ``push_to_hub`` of hf-align's artefacts (early-exit model, early-exit pipeline, super-resolution
+    pipeline): the card metadata is checked before the repo is created, then ``artefact.save_pretrained`` writes
+    into a temporary folder (with ``save_kwargs``, the card naming ``repo_id``) and :func:`push_folder` uploads it in
+    one commit. Returns the ``CommitInfo``."""
+    user_metadata(**card_metadata)
+
+    def save(folder):
+        artefact.save_pretrained(folder, _card_repo=repo_id, **(save_kwargs or {}), **card_metadata)
+
+    return push_folder(save, repo_id, commit_message=commit_message or default_message,
+                       commit_description=commit_description, private=private, token=token, revision=revision,
+                       create_pr=create_pr)
+
+
+# -- remote code -------------------------------------------------------------------------------------------------
+
+# For users who do not import hf-align: `pipeline(model=<saved folder or repo>, trust_remote_code=True)` picks this
+# task from `config.custom_pipelines` and imports the file below, which only imports the installed hf-align. The key
+# differs from the registered task on purpose: transformers consults `custom_pipelines` before its registry, so an
+# entry named "early-exit-classification" would make it demand trust_remote_code even after `import hf_align`.
+REMOTE_TASK = "hf-align/early-exit-classification"
+REMOTE_CODE_FILE = "early_exit_classification.py"
+_REMOTE_CODE = '''"""hf-align's early-exit pipeline, for `pipeline(model=<this repo>, trust_remote_code=True)`.
+
+This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
+`import hf_align; pipeline("early-exit-classification", model=<this repo>)`, which runs no code from the repo.
+"""
+
+try:
+    from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "This model's early-exit pipeline is part of hf-align, which is not installed: pip install hf-align"
+    ) from error
+'''
+
+
+def remote_pipeline_entry() -> dict:
+    """The ``config.custom_pipelines`` entry written into saved early-exit folders (see :data:`REMOTE_TASK`)."""
+    return {REMOTE_TASK: {"impl": "early_exit_classification.EarlyExitClassificationPipeline",
+                          "pt": ["AutoModelForSequenceClassification", "AutoModelForImageClassification"],
+                          "type": "multimodal"}}
+
+
+def write_remote_code(folder) -> str:
+    path = os.path.join(folder, REMOTE_CODE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_REMOTE_CODE)
+    return path
+
+
 # -- card bodies -------------------------------------------------------------------------------------------------
 
 

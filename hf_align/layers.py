@@ -868,3 +868,39 @@ class LayerView:
                 "final_norm (hf_align.register_family(..., overwrite=True))."
             )
         return diff
+
+
+_EVAL_LOCK = threading.Lock()
+_EVAL_USERS: dict[int, list] = {}  # id(model) -> [calls inside eval_mode, the modes to restore]
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module | None) -> Iterator[None]:
+    """Eval mode (dropout off) for every module of ``models`` inside the block; when the last call using a model
+    leaves, each of its modules gets back its own train/eval flag, whatever happened inside.
+
+    Re-entrant, also across threads: calls sharing a model (a pipeline served from several threads) all run in eval
+    mode, and the flags saved by the first are restored by the last, so no call sees another's restore and the
+    model ends as it began."""
+    entered = []
+    try:
+        for model in models:
+            if model is None:
+                continue
+            with _EVAL_LOCK:
+                entry = _EVAL_USERS.get(id(model))
+                if entry is None:
+                    entry = _EVAL_USERS[id(model)] = [0, [(m, m.training) for m in model.modules()]]
+                    model.eval()
+                entry[0] += 1
+            entered.append(model)
+        yield
+    finally:
+        for model in reversed(entered):  # reverse order, so shared modules end as they began
+            with _EVAL_LOCK:
+                entry = _EVAL_USERS[id(model)]
+                entry[0] -= 1
+                if entry[0] == 0:
+                    del _EVAL_USERS[id(model)]
+                    for module, training in entry[1]:
+                        module.training = training

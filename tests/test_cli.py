@@ -420,7 +420,7 @@ def test_calibrate_with_confidence_picks_the_shallowest_setting_whose_bound_hold
 
 @pytest.mark.slow
 def test_demo_holds_its_exit_tolerance_on_held_out_data(tmp_path):
-    from hf_align.demo import run_demo
+    from hf_align.cli.demo import run_demo
 
     result = run_demo(output_dir=str(tmp_path / "demo"))
     report = json.loads((tmp_path / "demo" / "report.json").read_text())

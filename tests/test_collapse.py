@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hf_align.collapse import (
+from hf_align.analysis.collapse import (
     ClassStatistics,
     collapse_metrics,
     equiangularity,
@@ -314,7 +314,7 @@ def _tiny_bert(num_labels=3):
 @pytest.mark.parametrize("pooling", ["cls", "mean"])
 def test_collapse_report_matches_numpy(tmp_path, pooling):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from hf_align.collapse import collapse_report, plot_collapse_progression
+    from hf_align.analysis.collapse import collapse_report, plot_collapse_progression
 
     model = _tiny_bert()
     g = torch.Generator().manual_seed(1)
@@ -350,7 +350,7 @@ def test_collapse_report_matches_numpy(tmp_path, pooling):
 
 
 def test_collapse_report_bad_layers():
-    from hf_align.collapse import collapse_report
+    from hf_align.analysis.collapse import collapse_report
 
     with pytest.raises(ValueError, match="layers must lie"):
         collapse_report(_tiny_bert(), [], layers=[5])

@@ -181,6 +181,24 @@ def test_set_exit_validates_before_changing():
     assert ee.settings.threshold == 0.8
 
 
+def test_call_settings_apply_to_that_call_only():
+    """Settings passed to a call are its arguments: the exits follow the independent rule for that threshold and
+    the model's own settings (and config) are not touched, also when the call fails validation."""
+    model = bert()
+    inputs = padded_text_batch(model)
+    t = mixed_threshold(model, inputs)
+    ee = EarlyExitModel(model, threshold=0.99)
+    probs = reference_layer_logits(model, inputs).softmax(-1).max(-1).values  # (B, L)
+    L = probs.shape[1]
+    expected = [next((l + 1 for l in range(L) if probs[i, l] >= t), L) for i in range(probs.shape[0])]
+    assert ee(**inputs, threshold=t).exit_layers.tolist() == expected
+    assert ee.settings.threshold == 0.99 and not hasattr(model.config, "early_exit")
+    with pytest.raises(ValueError, match="confidence threshold"):
+        ee(**inputs, threshold=1.5)
+    assert ee.settings.threshold == 0.99
+    assert ee(**inputs, policy="fixed", exit_layer=2).exit_layers.tolist() == [2] * probs.shape[0]
+
+
 def test_unsupported_models():
     bart = T.BartForSequenceClassification(T.BartConfig(d_model=16, encoder_layers=1, decoder_layers=1,
                                                         encoder_attention_heads=2, decoder_attention_heads=2,

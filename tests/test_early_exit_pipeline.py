@@ -129,3 +129,71 @@ def test_multi_exit_model_in_pipeline(tmp_path, text_setup):
     ee = EarlyExitModel(multi, policy="fixed", exit_layer=1)
     probs = ee(**tok(SENTENCES[1], return_tensors="pt")).logits[0].softmax(-1)
     assert out[0]["score"] == pytest.approx(float(probs.max()), abs=1e-6) and out[0]["exit_layer"] == 1
+
+
+def _reference_exit(model, tok, sentence, threshold):
+    """Independent of the layer view: the model's own hidden states, the BERT head (pooler + classifier) on each,
+    and the first block whose top probability reaches the threshold (the last block otherwise)."""
+    with torch.no_grad():
+        out = model(**tok(sentence, return_tensors="pt"), output_hidden_states=True)
+        L = model.config.num_hidden_layers
+        for layer in range(1, L + 1):
+            probs = model.classifier(model.bert.pooler(out.hidden_states[layer]))[0].softmax(-1)
+            if float(probs.max()) >= threshold or layer == L:
+                return layer, model.config.id2label[int(probs.argmax())], float(probs.max())
+
+
+def _hooks(model):
+    names = ("_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_forward_pre_hooks_with_kwargs",
+             "_forward_hooks_with_kwargs")
+    return {(name, attr): list(getattr(m, attr, {})) for name, m in model.named_modules() for attr in names}
+
+
+def test_one_pipeline_eight_threads_different_thresholds(text_setup):
+    """Exit settings are call arguments: 8 threads sharing one pipeline, each with its own threshold, get exactly
+    the sequential results (and the view-independent reference), also with the model left in train mode (each call
+    runs in eval mode), and the model's settings, config, hooks and train/eval flags are unchanged afterwards."""
+    import threading
+
+    model, tok = text_setup
+    clf = T.pipeline("early-exit-classification", model=model, tokenizer=tok, threshold=0.5)
+    # thresholds spread over the confidences the model really reaches, so the threads exit at different blocks
+    confidences = sorted({round(c, 4) for s in SENTENCES for c in
+                          [_reference_exit(model, tok, s, 1.0)[2], _reference_exit(model, tok, s, 0.0)[2]]})
+    thresholds = [float(t) for t in np.quantile(confidences, np.linspace(0.05, 0.95, 8))]
+    sequential = {t: [clf(s, threshold=t) for s in SENTENCES] for t in thresholds}
+    for t in thresholds:  # the sequential results are right (not just repeatable)
+        for s, result in zip(SENTENCES, sequential[t]):
+            layer, label, score = _reference_exit(model, tok, s, t)
+            assert (result[0]["exit_layer"], result[0]["label"]) == (layer, label)
+            assert result[0]["score"] == pytest.approx(score, abs=1e-5)
+    assert len({tuple(r[0]["exit_layer"] for r in sequential[t]) for t in thresholds}) > 1  # the settings matter
+
+    settings, config_exit = clf.early_exit.settings, getattr(model.config, "early_exit", None)
+    model.train()  # as a freshly built model is: every call must still run in eval mode (dropout off)
+    hooks, modes = _hooks(model), [m.training for m in model.modules()]
+    start = threading.Barrier(len(thresholds))
+    results, errors = {}, []
+
+    def work(t):
+        try:
+            start.wait()
+            results[t] = [[clf(s, threshold=t) for s in SENTENCES] for _ in range(4)]
+        except Exception as error:  # reported below with the thread's threshold
+            errors.append((t, repr(error)))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in thresholds]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert _hooks(model) == hooks and [m.training for m in model.modules()] == modes  # still in train mode
+    finally:
+        model.eval()  # the module-scoped fixture's mode
+    assert errors == []
+    for t in thresholds:
+        assert all(rep == sequential[t] for rep in results[t]), t
+    assert clf.early_exit.settings == settings and clf.early_exit.settings.threshold == 0.5
+    assert getattr(model.config, "early_exit", None) == config_exit
+    assert clf(SENTENCES[0]) == clf(SENTENCES[0], threshold=0.5)  # the default is still the constructed one

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .data import (
+from ..data import (
     collate,
-    eval_mode,
     iter_batches,
     pad_token_id,
     rank_and_world,
@@ -18,6 +17,7 @@ from .data import (
     split_labels,
     to_device,
 )
+from ..layers import eval_mode
 from .pooling import POOLINGS, pool
 from .similarity import SIMILARITY_METRICS, SimilarityUndefinedError, default_constant_rtol, similarity_metric
 from .streaming import StreamingCKA, StreamingCosine, StreamingMean, StreamingMinibatchCKA
@@ -123,7 +123,7 @@ def layer_similarity(
         model: any model :class:`hf_align.LayerView` supports, head-less base models (``AutoModel``) and PEFT /
             sentence-transformers wrappers included (it is wrapped, not copied; eval mode while running,
             every module's mode restored after).
-        data: anything :func:`hf_align.analysis.data.iter_batches` takes: a ``datasets.Dataset`` or a list of
+        data: anything :func:`hf_align.data.iter_batches` takes: a ``datasets.Dataset`` or a list of
             example dicts (batched by ``batch_size``, token columns padded on the right, or by ``collate_fn``), a
             list of ready batch dicts, a ``DataLoader`` or an iterable of batch dicts. Labels are ignored.
         metric: a name of :data:`hf_align.analysis.similarity.SIMILARITY_METRICS` (one name per metric, also

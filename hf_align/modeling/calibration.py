@@ -18,16 +18,17 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..analysis.data import (
+from ..data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
-    eval_mode,
     iter_batches,
+    labelled,
     pad_token_id,
     split_labels,
     to_device,
 )
+from ..layers import eval_mode
 from .early_exit import EarlyExitConfig, EarlyExitModel, _exit_mask
 
 __all__ = ["ExitCurve", "accuracy_loss_upper_bound", "collect_layer_logits", "exit_curve", "calibrate", "simulate_exits"]
@@ -44,7 +45,8 @@ def _batches(model: EarlyExitModel, data, batch_size: int, collate_fn):
 def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, collate_fn=None, progress: bool = True):
     """Every block's logits and the labels over a labelled dataset: ``(N, L, C)`` float32 and ``(N,)``.
 
-    Labels must be class ids in [0, num_labels) (checked before any forward); the model runs in eval mode and
+    Labels must be class ids in [0, num_labels) or -100 (checked before any forward; samples labelled -100 are left
+    out, as everywhere in hf-align); the model runs in eval mode and
     gets its own train/eval flags back afterwards."""
     num_labels = int(model.config.num_labels)
     check_dataset_labels(data, num_labels, name="calibration data")
@@ -56,8 +58,10 @@ def collect_layer_logits(model: EarlyExitModel, data, batch_size: int = 64, coll
                 raise ValueError(f"the calibration data needs labels (one of {LABEL_KEYS}); got {sorted(batch)}")
             check_labels(labels, num_labels, what="calibration labels")
             per_layer = model.view.layer_logits(**to_device(inputs, model.view.device))
-            all_logits.append(torch.stack(per_layer, dim=1).float().cpu())
-            all_labels.append(torch.as_tensor(labels).cpu())
+            labels = torch.as_tensor(labels).cpu().reshape(-1)
+            keep = labelled(labels)  # the one label rule: samples labelled -100 are not scored
+            all_logits.append(torch.stack(per_layer, dim=1).float().cpu()[keep])
+            all_labels.append(labels[keep])
     return torch.cat(all_logits).numpy(), torch.cat(all_labels).numpy()
 
 
@@ -188,20 +192,15 @@ def _settings_for(policy: str, value, min_layer: int) -> EarlyExitConfig:
 
 
 def _latency_ms(model: EarlyExitModel, data, settings, samples: int, batch_size: int, collate_fn) -> float:
-    saved = model.settings
-    model.settings = settings
-    try:
-        times = []
-        for i, batch in enumerate(_batches(model, data, batch_size, collate_fn)):
-            if i * batch_size >= samples:
-                break
-            batch, _ = split_labels(batch)
-            start = time.perf_counter()
-            model(**batch)
-            times.append((time.perf_counter() - start) * 1e3 / batch_size)
-        return statistics.median(times)
-    finally:
-        model.settings = saved
+    times = []
+    for i, batch in enumerate(_batches(model, data, batch_size, collate_fn)):
+        if i * batch_size >= samples:
+            break
+        batch, _ = split_labels(batch)
+        start = time.perf_counter()
+        model(**batch, **vars(settings))  # this call's settings: the model's own are not touched
+        times.append((time.perf_counter() - start) * 1e3 / batch_size)
+    return statistics.median(times)
 
 
 def accuracy_loss_upper_bound(full_correct, exit_correct, confidence: float) -> float:

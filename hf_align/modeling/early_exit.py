@@ -14,8 +14,9 @@ Exit policies (``p_l = softmax(logits_l)``):
   (the current block included), i.e. unchanged ``patience - 1`` times;
 * ``fixed``: exit at block ``exit_layer``;
 
-never before ``min_layer``, always at block L. The settings live in ``config.early_exit`` (a plain dict), so
-``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+never before ``min_layer``, always at block L. The model's default settings are saved in ``config.early_exit`` (a
+plain dict), so ``save_pretrained`` keeps them and the saved model still loads as a plain transformers classifier.
+Settings given to a call (``model(**batch, threshold=0.5)``) apply to that call only.
 
 The forward always runs in eval mode (dropout off), also when the wrapped model was left in ``train()``
 mode; every module's own train/eval flag is restored afterwards.
@@ -35,12 +36,12 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..analysis.data import eval_mode
-from ..layers import LayerView
+from ..layers import LayerView, eval_mode
 
 __all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
 
 POLICIES = ("confidence", "entropy", "patience", "fixed")
+_SETTING_NAMES = ("policy", "threshold", "patience", "exit_layer", "min_layer")  # the fields of EarlyExitConfig
 # other transformers `from_pretrained` options EarlyExitModel.from_pretrained passes on
 _LOAD_KWARGS = ("attn_implementation", "force_download", "proxies", "variant", "max_memory", "offload_folder",
                 "quantization_config")
@@ -192,10 +193,10 @@ class EarlyExitModel(nn.Module):
     @contextlib.contextmanager
     def _settings_in_config(self):
         """``config.early_exit`` = the current settings and ``config.custom_pipelines`` = the trust_remote_code entry
-        (see :data:`~hf_align.pipelines.early_exit_classification.REMOTE_TASK`) while saving; the live config is
+        (see :data:`hf_align.hub.REMOTE_TASK`) while saving; the live config is
         restored afterwards. An entry named "early-exit-classification" (written by hf-align 0.1) is dropped: it
         would make transformers demand ``trust_remote_code`` instead of using the registered task."""
-        from ..pipelines.early_exit_classification import remote_pipeline_entry
+        from ..hub import remote_pipeline_entry
 
         configs = [self.config]
         if self.view.hf_model.config is not self.config:
@@ -231,7 +232,7 @@ class EarlyExitModel(nn.Module):
                                  base_model=base_model, tags=tags)  # bad metadata fails before anything is written
         if os.path.isfile(os.fspath(save_directory)):
             raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
-        from ..pipelines.early_exit_classification import write_remote_code
+        from ..hub import write_remote_code
 
         with self._settings_in_config():
             self.model.save_pretrained(save_directory, **kwargs)
@@ -246,28 +247,35 @@ class EarlyExitModel(nn.Module):
 
         ``card_metadata``: ``card_data``, ``license``, ``language``, ``datasets``, ``base_model``, ``tags`` as in
         :meth:`save_pretrained`. Returns the ``CommitInfo``."""
-        from ..hub import push_folder, user_metadata
+        from ..hub import push_to_hub
 
-        user_metadata(**card_metadata)  # checked before the repo is created
-
-        def save(folder):
-            self.save_pretrained(folder, max_shard_size=max_shard_size, _card_repo=repo_id, **card_metadata)
-
-        return push_folder(save, repo_id, commit_message=commit_message or "Upload early-exit model",
-                           commit_description=commit_description, private=private, token=token, revision=revision,
-                           create_pr=create_pr)
+        return push_to_hub(self, repo_id, default_message="Upload early-exit model", save_kwargs={"max_shard_size": max_shard_size},
+                           commit_message=commit_message, commit_description=commit_description, private=private,
+                           token=token, revision=revision, create_pr=create_pr, **card_metadata)
 
     # -- inference -------------------------------------------------------------------------------------
+
+    def exit_settings(self, **overrides: Any) -> EarlyExitConfig:
+        """This model's settings with ``overrides`` (``policy``, ``threshold``, ``patience``, ``exit_layer``,
+        ``min_layer``) applied, validated; the model is not changed."""
+        if not overrides:
+            return self.settings
+        return EarlyExitConfig.from_dict({**asdict(self.settings), **overrides}).validate(self.num_layers)
 
     @torch.no_grad()
     def forward(self, output_layer_logits: bool = False, **inputs: Any) -> EarlyExitOutput:
         """Run blocks until every sample has exited; rows that exit leave the batch. Eval mode while running
-        (the model's own train/eval flags are restored after)."""
-        with eval_mode(self.model):
-            return self._forward(output_layer_logits, **inputs)
+        (the model's own train/eval flags are restored after).
 
-    def _forward(self, output_layer_logits: bool, **inputs: Any) -> EarlyExitOutput:
-        view, settings, L = self.view, self.settings, self.num_layers
+        Exit settings given here (``model(**batch, threshold=0.5)``) apply to this call only: they are call
+        arguments, never written to the model, so one model can serve concurrent calls with different settings.
+        """
+        settings = self.exit_settings(**{k: inputs.pop(k) for k in _SETTING_NAMES if k in inputs})
+        with eval_mode(self.model):
+            return self._forward(output_layer_logits, settings, **inputs)
+
+    def _forward(self, output_layer_logits: bool, settings: EarlyExitConfig, **inputs: Any) -> EarlyExitOutput:
+        view, L = self.view, self.num_layers
         state = view.prepare(**inputs)
         batch = state.batch_size
         device = state.hidden.device

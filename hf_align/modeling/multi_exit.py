@@ -18,6 +18,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from .._registration import AUTO_CLASSES, when_imported
 from ..layers import LayerView
 
 __all__ = ["MultiExitConfig", "MultiExitModel", "add_exit_heads", "load_multi_exit"]
@@ -137,3 +138,7 @@ def register_auto_classes() -> None:
             auto.register(MultiExitConfig, MultiExitModel)
         except ValueError:
             pass
+
+
+# importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
+when_imported(AUTO_CLASSES, register_auto_classes)

@@ -21,44 +21,11 @@ import numpy as np
 import torch
 from transformers import Pipeline
 
-from ..modeling.early_exit import EarlyExitConfig, EarlyExitModel
+from .._registration import PIPELINES, when_imported
+from ..hub import REMOTE_CODE_FILE, REMOTE_TASK, remote_pipeline_entry, write_remote_code  # noqa: F401 (re-exported)
+from ..modeling.early_exit import EarlyExitModel
 
 _SETTINGS = ("policy", "threshold", "patience", "exit_layer", "min_layer")
-
-# For users who do not import hf-align: `pipeline(model=<saved folder or repo>, trust_remote_code=True)` picks this
-# task from `config.custom_pipelines` and imports the file below, which only imports the installed hf-align. The key
-# differs from the registered task on purpose: transformers consults `custom_pipelines` before its registry, so an
-# entry named "early-exit-classification" would make it demand trust_remote_code even after `import hf_align`.
-REMOTE_TASK = "hf-align/early-exit-classification"
-REMOTE_CODE_FILE = "early_exit_classification.py"
-_REMOTE_CODE = '''"""hf-align's early-exit pipeline, for `pipeline(model=<this repo>, trust_remote_code=True)`.
-
-This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
-`import hf_align; pipeline("early-exit-classification", model=<this repo>)`, which runs no code from the repo.
-"""
-
-try:
-    from hf_align.pipelines.early_exit_classification import EarlyExitClassificationPipeline  # noqa: F401
-except ImportError as error:
-    raise ImportError(
-        "This model's early-exit pipeline is part of hf-align, which is not installed: pip install hf-align"
-    ) from error
-'''
-
-
-def remote_pipeline_entry() -> dict:
-    """The ``config.custom_pipelines`` entry written into saved early-exit folders (see :data:`REMOTE_TASK`)."""
-    return {REMOTE_TASK: {"impl": "early_exit_classification.EarlyExitClassificationPipeline",
-                          "pt": ["AutoModelForSequenceClassification", "AutoModelForImageClassification"],
-                          "type": "multimodal"}}
-
-
-def write_remote_code(folder) -> str:
-    path = os.path.join(folder, REMOTE_CODE_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(_REMOTE_CODE)
-    return path
-
 
 def _is_image(x: Any) -> bool:
     try:
@@ -102,7 +69,7 @@ class EarlyExitClassificationPipeline(Pipeline):
             raise ValueError(f"unknown argument(s) {sorted(unknown)}; exit settings are {list(_SETTINGS)}")
         forward = {k: v for k, v in kwargs.items() if v is not None}
         if forward:  # validate now, before any input is processed
-            EarlyExitConfig.from_dict({**vars(self.early_exit.settings), **forward}).validate(self.early_exit.num_layers)
+            self.early_exit.exit_settings(**forward)
         postprocess = {}
         if top_k is not None:
             if not isinstance(top_k, int) or top_k < 1:
@@ -134,15 +101,8 @@ class EarlyExitClassificationPipeline(Pipeline):
         return self.tokenizer(inputs, return_tensors="pt", truncation=truncation, max_length=max_length)
 
     def _forward(self, model_inputs, **settings):
-        early_exit = self.early_exit
-        if settings:
-            saved = early_exit.settings
-            early_exit.set_exit(**settings)
-        try:
-            out = early_exit(**model_inputs)
-        finally:
-            if settings:
-                early_exit.settings = saved
+        # the settings are this call's arguments: the shared model is never changed, so threads may share it
+        out = self.early_exit(**model_inputs, **settings)
         return {"logits": out.logits, "exit_layers": out.exit_layers}
 
     def postprocess(self, model_outputs, top_k: int = 1):
@@ -184,16 +144,11 @@ class EarlyExitClassificationPipeline(Pipeline):
                     private: bool | None = None, token: str | bool | None = None, revision: str | None = None,
                     create_pr: bool = False, max_shard_size: int | str | None = "50GB", **card_metadata):
         """Push model, processor and model card to ``repo_id`` in one commit (what :meth:`save_pretrained` writes)."""
-        from ..hub import push_folder, user_metadata
+        from ..hub import push_to_hub
 
-        user_metadata(**card_metadata)
-
-        def save(folder):
-            self.save_pretrained(folder, max_shard_size=max_shard_size, _card_repo=repo_id, **card_metadata)
-
-        return push_folder(save, repo_id, commit_message=commit_message or "Upload early-exit pipeline",
-                           commit_description=commit_description, private=private, token=token, revision=revision,
-                           create_pr=create_pr)
+        return push_to_hub(self, repo_id, default_message="Upload early-exit pipeline", save_kwargs={"max_shard_size": max_shard_size},
+                           commit_message=commit_message, commit_description=commit_description, private=private,
+                           token=token, revision=revision, create_pr=create_pr, **card_metadata)
 
 
 def register_pipeline() -> None:
@@ -207,3 +162,7 @@ def register_pipeline() -> None:
             pt_model=(AutoModelForSequenceClassification, AutoModelForImageClassification),
             type="multimodal",
         )
+
+
+# importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
+when_imported(PIPELINES, register_pipeline)

@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._registration import DIFFUSERS, when_imported
 from ..diffusion.images import bicubic_downsample, bicubic_upsample
 
 logger = logging.get_logger(__name__)
@@ -203,17 +204,12 @@ class SuperResolutionPipeline(DiffusionPipeline):
                     variant: str | None = None, *, revision: str | None = None, commit_description: str | None = None,
                     **card_metadata: Any):
         """Push the pipeline (``model_index.json``, ``unet/``, ``scheduler/``) and its model card in one commit."""
-        from ..hub import push_folder, user_metadata
+        from ..hub import push_to_hub
 
-        user_metadata(**card_metadata)
-
-        def save(folder):
-            self.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant, _card_repo=repo_id,
-                                 **card_metadata)
-
-        return push_folder(save, repo_id, commit_message=commit_message or "Upload super-resolution pipeline",
-                           commit_description=commit_description, private=private, token=token, revision=revision,
-                           create_pr=create_pr)
+        return push_to_hub(self, repo_id, default_message="Upload super-resolution pipeline",
+                           save_kwargs={"safe_serialization": safe_serialization, "variant": variant},
+                           commit_message=commit_message, commit_description=commit_description, private=private,
+                           token=token, revision=revision, create_pr=create_pr, **card_metadata)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -301,3 +297,7 @@ def register_diffusers_pipeline() -> None:
 
     if getattr(diffusers, "SuperResolutionPipeline", None) is None:
         diffusers.SuperResolutionPipeline = SuperResolutionPipeline
+
+
+# importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
+when_imported(DIFFUSERS, register_diffusers_pipeline)

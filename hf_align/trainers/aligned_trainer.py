@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import Trainer
 
-from ..analysis.data import LABEL_KEYS as _LABEL_KEYS
-from ..analysis.data import check_labels, dataset_labels
+from ..data import IGNORE_INDEX, check_labels, dataset_labels, labelled
+from ..data import LABEL_KEYS as _LABEL_KEYS
 from ..families import router_aux_loss
 from ..layers import HeadContext, LayerView
 from .aligned_config import AlignedTrainingArguments, layer_weights
@@ -353,17 +353,21 @@ class AlignedTrainer(Trainer):
             rows = corrects + losses + [count]
         else:
             single = self._problem_type(labels) == "single_label_classification"
+            # the one label rule: a sample labelled -100 has no target and is not scored (nor counted)
+            scored = labelled(labels).double() if single else torch.ones(labels.shape[0], dtype=torch.float64,
+                                                                           device=labels.device)
             corrects, losses = [], []
             for layer, h in enumerate(hidden, start=1):
                 lg = logits if layer == self.num_layers else self.layer_view.head(h, context, layer=layer)
                 if single:
-                    corrects.append((lg.argmax(-1) == labels).double())
-                    losses.append(F.cross_entropy(lg.float(), labels, reduction="none").double())
+                    corrects.append((lg.argmax(-1) == labels).double() * scored)
+                    losses.append(F.cross_entropy(lg.float(), labels, reduction="none",
+                                                  ignore_index=IGNORE_INDEX).double())
                 else:  # accuracy is undefined for regression / multi-label: reported as absent
                     nan = torch.full((lg.shape[0],), float("nan"), dtype=torch.float64, device=lg.device)
                     corrects.append(nan)
                     losses.append(nan)
-            rows = corrects + losses + [torch.ones(labels.shape[0], dtype=torch.float64, device=labels.device)]
+            rows = corrects + losses + [scored]
         return torch.stack(rows, dim=1)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

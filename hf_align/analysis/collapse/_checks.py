@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...data.labels import IGNORE_INDEX
+
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -39,7 +41,9 @@ def _matrix(x: Any, name: str, *, rows: int | None = None, cols: int | None = No
     return a
 
 
-def _labels(y: Any, n: int, num_classes: int, name: str = "labels") -> np.ndarray:
+def _labels(y: Any, n: int, num_classes: int, name: str = "labels", *, allow_ignored: bool = False) -> np.ndarray:
+    """Integer class ids in ``[0, num_classes)``, one per row; with ``allow_ignored`` also ``IGNORE_INDEX`` (-100,
+    the one label rule of :mod:`hf_align.data.labels`: a row without a target, which the caller drops)."""
     a = _to_numpy(y, name)
     if a.ndim != 1 or a.shape[0] != n:
         raise ValueError(f"{name} must be 1-D with one entry per row ({n}), got shape {tuple(a.shape)}")
@@ -49,9 +53,11 @@ def _labels(y: Any, n: int, num_classes: int, name: str = "labels") -> np.ndarra
         else:
             raise TypeError(f"{name} must be integers, got dtype {a.dtype}")
     a = a.astype(np.int64, copy=False)
-    if a.size and (a.min() < 0 or a.max() >= num_classes):
-        bad = a[(a < 0) | (a >= num_classes)][0]
-        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}), got {int(bad)}")
+    bad = ((a < 0) | (a >= num_classes)) & ~((a == IGNORE_INDEX) if allow_ignored else False)
+    if a.size and bad.any():
+        ignored = f"; {IGNORE_INDEX} is ignored" if allow_ignored else ""
+        raise ValueError(f"{name} must lie in [0, {num_classes - 1}] (num_classes={num_classes}{ignored}), "
+                         f"got {int(a[bad][0])}")
     return a
 
 

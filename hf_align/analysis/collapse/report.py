@@ -27,18 +27,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import (
+from ...data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
-    eval_mode,
     iter_batches,
+    labelled,
     pad_token_id,
     rank_and_world,
     require_reiterable,
     split_labels,
     to_device,
 )
+from ...layers import eval_mode
 from ..pooling import pool
 from ..similarity import default_constant_rtol, feature_varies
 from .nc import collapse_metrics, gnc3, nc3_papyan, nc3_zhu, ncc_predict
@@ -147,7 +148,7 @@ def collapse_report(
     Args:
         model: any model :class:`hf_align.LayerView` supports (classifiers, head-less base models, PEFT /
             sentence-transformers wrappers); eval mode while running, every module's mode restored after.
-        data: anything :func:`hf_align.analysis.data.iter_batches` takes, with class labels under one of
+        data: anything :func:`hf_align.data.iter_batches` takes, with class labels under one of
             ``labels``/``label``/``label_ids`` (or ``labels_key``). Labels must lie in [0, num_classes).
         features: ``"head"`` (default when the model has a classification head and no ``pooling`` is
             given) or ``"hidden"`` (default for base models and LM heads, or when ``pooling`` is given).
@@ -246,12 +247,13 @@ def collapse_report(
     with eval_mode(view.model):
         for y, inputs in batches("collapse: statistics"):
             feats, _ = layer_features(inputs)
+            keep = labelled(y)  # the one label rule: rows labelled -100 carry no class and are left out
             for i, (s, f) in enumerate(zip(stats, feats)):
                 if f.shape[0] != y.shape[0]:
                     raise ValueError(f"got {f.shape[0]} features but {y.shape[0]} labels in a batch (one label per sample)")
-                f = f.cpu()
+                f = f.cpu()[keep]
                 sumsq[i] = sumsq[i] + f.square().sum(0).numpy()
-                s.update(f, y)
+                s.update(f, y[keep])
         if world > 1:
             for s in stats:
                 s.reduce()
@@ -295,12 +297,13 @@ def collapse_report(
             means = [None if layer in reasons else s.means() for s, layer in zip(stats, chosen)]
             wrong = np.zeros(len(chosen))
             n = 0
-            for _, inputs in batches("collapse: nc4"):
+            for y, inputs in batches("collapse: nc4"):
                 feats, pred = layer_features(inputs)
-                pred = pred.cpu().numpy()
+                keep = labelled(y).numpy()  # the samples the class means were computed on
+                pred = pred.cpu().numpy()[keep]
                 for i, f in enumerate(feats):
                     if means[i] is not None:
-                        wrong[i] += np.sum(ncc_predict(f.cpu().numpy(), means[i]) != pred)
+                        wrong[i] += np.sum(ncc_predict(f.cpu().numpy()[keep], means[i]) != pred)
                 n += pred.shape[0]
             if world > 1:
                 counts = torch.from_numpy(np.append(wrong, n).astype(np.float64))

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...data.labels import IGNORE_INDEX
 from ._checks import _check_classes, _labels, _matrix
 
 __all__ = ["ClassStatistics"]
@@ -52,9 +53,13 @@ class ClassStatistics:
     # -- accumulation --------------------------------------------------------------------------------------
 
     def update(self, features: Any, labels: Any) -> ClassStatistics:
-        """Add a batch: ``features`` (n, d), ``labels`` (n,) integers in [0, K)."""
+        """Add a batch: ``features`` (n, d), ``labels`` (n,) integers in [0, K); rows labelled -100 (the ignore
+        index) are left out."""
         X = _matrix(features, "features", cols=self.dim)
-        y = _labels(labels, X.shape[0], self.num_classes)
+        y = _labels(labels, X.shape[0], self.num_classes, allow_ignored=True)
+        keep = y != IGNORE_INDEX
+        if not keep.all():
+            X, y = X[keep], y[keep]
         top = float(np.max(np.abs(X))) if X.size else 0.0
         if top > 2.0**500 or 0 < top < 2.0**-500:
             raise ValueError(

@@ -1,4 +1,4 @@
-"""`evaluate` metric module for neural collapse: a thin wrapper over :mod:`hf_align.collapse`.
+"""`evaluate` metric module for neural collapse: a thin wrapper over :mod:`hf_align.analysis.collapse`.
 
     metric = evaluate.load("path/to/hf_align/metrics/neural_collapse")
     metric.compute(features=H, references=y, predictions=yhat, classifier_weight=W)
@@ -8,7 +8,7 @@ import datasets
 import evaluate
 import numpy as np
 
-from hf_align.collapse import ClassStatistics, collapse_metrics
+from hf_align.analysis.collapse import ClassStatistics, collapse_metrics
 
 _DESCRIPTION = """Neural-collapse metrics of features and a linear classifier (Papyan et al. 2020; Zhu et al. 2021;
 Jiang et al. 2024): NC1 = tr(Sigma_W Sigma_B^+)/K (and Papyan's convention without /K), NC2 for the

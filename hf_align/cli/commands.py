@@ -15,20 +15,24 @@
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
-from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from .cli_data import (
+from .arguments import (
     EMBEDDED,
-    CLIError,
+    AlignedTrainingCLIArguments,
+    AnalyzeArguments,
     DataArguments,
-    LabelSpace,
+    DemoArguments,
+    EvaluateArguments,
+    LayersArguments,
     ModelArguments,
+)
+from .loading import (
+    CLIError,
+    LabelSpace,
     check_columns,
     check_label_range,
     collator,
@@ -43,83 +47,10 @@ from .cli_data import (
     load_processor,
     load_raw_dataset,
     loader,
+    supported_text,
     train_eval_splits,
 )
-from .trainers.aligned_config import LAYER_WEIGHT_SCHEMES, AlignedTrainingArguments
-
-# ---------------------------------------------------------------------------------------------- arguments
-
-
-@dataclass
-class AlignedTrainingCLIArguments(AlignedTrainingArguments):
-    """``AlignedTrainingArguments`` with ``layer_weights`` readable from the command line:
-    ``--layer_weights linear`` or ``--layer_weights 0.1 0.3 0.6`` (one number per block)."""
-
-    layer_weights: list[str] = field(
-        default_factory=lambda: ["linear"],
-        metadata={"help": f"Per-layer loss weights: one of {', '.join(LAYER_WEIGHT_SCHEMES)} ('linear' = 2l/(L(L+1)), "
-                  "the paper's default; 'last' = standard training), or L non-negative numbers, one per block."},
-    )
-
-    def __post_init__(self):
-        if not self.output_dir:
-            raise ValueError("--output_dir is required (where the trained model, its processor and card are saved)")
-        weights = self.layer_weights
-        if isinstance(weights, (list, tuple)):
-            if len(weights) == 1 and str(weights[0]) in LAYER_WEIGHT_SCHEMES:
-                self.layer_weights = str(weights[0])
-            else:
-                try:
-                    self.layer_weights = [float(w) for w in weights]
-                except ValueError:
-                    raise ValueError(f"--layer_weights expects one of {LAYER_WEIGHT_SCHEMES} or one number per block, "
-                                     f"got {' '.join(map(str, weights))}") from None
-        super().__post_init__()
-
-
-@dataclass
-class AnalyzeArguments:
-    output_dir: str = field(default="hf-align-analysis", metadata={"help": "Report folder (report.md, report.json, PNGs)."})
-    metrics: list[str] = field(default_factory=lambda: ["cosine", "cka"],
-                               metadata={"help": "Layer similarity metrics (see hf_align.layer_similarity): cosine, "
-                                         "cka, debiased_cka, minibatch_cka."})
-    pooling: str | None = field(default=None, metadata={"help": "cls, mean, last or tokens; default: the pooling of "
-                                                        "the model's own head (cls for encoders, last for decoders)."})
-    collapse: bool = field(default=True, metadata={"help": "Per-layer neural-collapse metrics (NC1-NC4)."})
-    batch_size: int = field(default=32, metadata={"help": "Batch size of the forward passes."})
-
-
-@dataclass
-class EvaluateArguments:
-    output_dir: str = field(default="hf-align-evaluation", metadata={"help": "Report folder (report.md, report.json, PNGs)."})
-    policy: str = field(default="confidence", metadata={"help": "Exit policy: confidence, entropy, patience or fixed."})
-    values: list[float] | None = field(default=None, metadata={"help": "Settings of the policy to sweep "
-                                                               "(thresholds / patience / exit layer); default a standard grid."})
-    min_layer: int = field(default=1, metadata={"help": "No exit before this block."})
-    tolerance: float = field(default=0.01, metadata={"help": "Mark the lowest-depth setting whose accuracy is within "
-                                                     "this (absolute) tolerance of full depth on the evaluated split."})
-    batch_size: int = field(default=64, metadata={"help": "Batch size of the forward passes."})
-    cost_repeats: int = field(default=5, metadata={"help": "Timing repeats of the cost-per-exit-depth table (one batch "
-                                                   "of the data; median reported); 0 skips the table."})
-
-
-@dataclass
-class DemoArguments:
-    output_dir: str = field(default="hf-align-demo", metadata={"help": "Where the model, plots, pipeline and report go."})
-    steps: int = field(default=800, metadata={"help": "Training steps."})
-    seed: int = field(default=0, metadata={"help": "Random seed."})
-
-
-@dataclass
-class LayersArguments:
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "A local model folder or Hub id (safetensors, no remote code), or a family name / "
-                  "model type (e.g. one listed by `hf-align layers --list_families`) for a tiny random model. May be given "
-                  "as the first positional argument."},
-    )
-    list_families: bool = field(default=False, metadata={"help": "List the supported families and exit."})
-
+from .reports import collapse_markdown, layer_accuracy_markdown, matrix_markdown, write_report
 
 # ---------------------------------------------------------------------------------------------- shared steps
 
@@ -172,37 +103,6 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, checked, spli
     return model, processor, modality, space, encoded
 
 
-def _finite(x):
-    """JSON-safe: NaN/inf -> None, numpy -> lists."""
-    import numpy as np
-
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return _finite(x.tolist())
-    if isinstance(x, (float, np.floating)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
-def _write_report(folder: str, title: str, sections: list[str], data: dict) -> None:
-    with open(os.path.join(folder, "report.md"), "w", encoding="utf-8") as f:
-        f.write(f"# {title}\n\n" + "\n\n".join(sections) + "\n")
-    with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
-        json.dump(_finite(data), f, indent=2)
-
-
-def _matrix_markdown(matrix, labels) -> str:
-    head = "| | " + " | ".join(labels) + " |"
-    rule = "| --- |" + " ---: |" * len(labels)
-    rows = [f"| {labels[i]} | " + " | ".join("n/a" if v != v else f"{v:.3f}" for v in row) + " |" for i, row in enumerate(matrix)]
-    return "\n".join([head, rule, *rows])
-
-
 # ---------------------------------------------------------------------------------------------- commands
 
 
@@ -210,7 +110,7 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
     """Aligned fine-tuning: ``AlignedTrainer`` on the train split, layer-wise evaluation, model + card saved."""
     from transformers import set_seed
 
-    from .trainers import AlignedTrainer
+    from ..trainers import AlignedTrainer
 
     set_seed(args.seed)
     resume = args.resume_from_checkpoint  # TrainingArguments only records it; the Trainer acts on train()'s argument
@@ -242,9 +142,9 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
     """Layer similarity (every metric in ``--metrics``, (L+1)x(L+1) with 0 = embeddings) and per-layer collapse."""
     import warnings
 
-    from . import collapse_report, layer_similarity, plot_collapse_progression, rank_correlation
-    from .analysis import UndefinedSimilarityWarning
-    from .layers import LayerView
+    from ..analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation
+    from ..analysis.collapse import collapse_report, plot_collapse_progression
+    from ..layers import LayerView
 
     checked = _check_model(model_args, data_args, need_classifier=False, command="analyze")
     data = load_raw_dataset(data_args)
@@ -270,7 +170,7 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
         matrices[metric] = sim.matrix
         report["similarity"][metric] = {"matrix": sim.matrix, "undefined_layers": sim.undefined_layers}
         sections.append(f"## Layer similarity: {metric} (0 = embeddings)\n\n![{metric}]({path})\n\n"
-                        + _matrix_markdown(sim.matrix, names)
+                        + matrix_markdown(sim.matrix, names)
                         + (f"\n\nUndefined (constant features): {', '.join(sim.undefined_layers)}." if caught else ""))
         print(f"{metric}: {path}" + (f" (undefined: {sim.undefined_layers})" if sim.undefined_layers else ""))
     if "cosine" in matrices and "cka" in matrices:
@@ -293,15 +193,11 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
             print(f"collapse: not computed ({reason})", file=sys.stderr)
         else:
             plot_collapse_progression(result, os.path.join(args.output_dir, "collapse.png"))
-            keys = [k for k in ("nc1", "nc2_means_etf_distance", "nc2_means_equinorm", "nc3_zhu", "nc4") if k in result.per_layer[0]]
-            rows = ["| layer | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
-            rows += [f"| {layer} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |"
-                     for layer, m in zip(result.layers, result.per_layer)]
             sections.append(f"## Neural collapse through depth (blocks 1..{view.num_layers}, {collapse_pooling} pooling, "
-                            f"{len(space.names)} classes)\n\n![collapse](collapse.png)\n\n" + "\n".join(rows))
+                            f"{len(space.names)} classes)\n\n![collapse](collapse.png)\n\n" + collapse_markdown(result))
             report["collapse"] = result.to_dict()
             print("collapse: collapse.png")
-    _write_report(args.output_dir, "hf-align analyze", sections, report)
+    write_report(args.output_dir, "hf-align analyze", sections, report)
     print(f"report: {os.path.join(args.output_dir, 'report.md')}")
     return 0
 
@@ -309,9 +205,9 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
 def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: EvaluateArguments) -> int:
     """Accuracy of every block through the model's own head, and the early-exit curve (accuracy vs mean exit
     block over the policy's settings, exits simulated with EarlyExitModel's own rule)."""
-    from .hub import plot_layer_accuracy
-    from .modeling import EarlyExitModel, exit_curve
-    from .modeling.calibration import collect_layer_logits
+    from ..hub import plot_layer_accuracy
+    from ..modeling import EarlyExitModel, exit_curve
+    from ..modeling.calibration import collect_layer_logits
 
     checked = _check_model(model_args, data_args, need_classifier=True, command="evaluate")
     data = load_raw_dataset(data_args)
@@ -338,7 +234,7 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
         f"Model: `{model_args.model_name_or_path}` ({type(model).__name__}, {L} blocks); data: `{data_args.dataset_name}` "
         f"split `{data_args.dataset_test_split}`, {len(raw)} examples.",
         "## Accuracy of every block through the model's own head\n\n![layer accuracy](layer_accuracy.png)\n\n"
-        "| block | accuracy |\n| ---: | ---: |\n" + "\n".join(f"| {l} | {100 * a:.2f}% |" for l, a in enumerate(accuracy, 1)),
+        + layer_accuracy_markdown(accuracy),
         f"## Early exit ({args.policy} policy)\n\n![exit curve](exit_curve.png)\n\n" + curve.to_markdown()
         + (f"\n\n**chosen**: the lowest mean exit block within {100 * args.tolerance:g} point(s) of full depth on this "
            "split (measured here, not a promise for new data: calibrate on a validation split for that)."
@@ -346,7 +242,7 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
     ]
     costs = None
     if args.cost_repeats > 0:  # cost of every exit depth on the first batch of this data (the survey's table)
-        from .generation.cost import exit_costs
+        from ..generation.cost import exit_costs
 
         costs = exit_costs(model, next(iter(batches)), repeats=args.cost_repeats, progress=False)
         costs.plot(os.path.join(args.output_dir, "exit_costs.png"))
@@ -358,7 +254,7 @@ def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: Eva
                              "mean_exit_layer": curve.mean_exit_layer, "full_accuracy": curve.full_accuracy,
                              "chosen": curve.chosen, "tolerance": args.tolerance},
               "costs": None if costs is None else costs.rows}
-    _write_report(args.output_dir, "hf-align evaluate", sections, report)
+    write_report(args.output_dir, "hf-align evaluate", sections, report)
     print("accuracy of every block: " + ", ".join(f"{100 * a:.1f}%" for a in accuracy))
     if ok:
         i = curve.values.index(curve.chosen)
@@ -379,13 +275,14 @@ def _tiny_family_model(name: str):
     """A tiny random model of a registered family (or model type), built from its config (no download)."""
     import transformers
 
-    from .families import _REGISTRY, TASKS
+    from ..families import TASKS, supported_families
 
-    family = _REGISTRY.get(name) or next((f for f in _REGISTRY.values() if name in f.model_types), None)
+    families = supported_families()  # the registry's public lookup: name -> model types and tasks
+    family = families.get(name) or next((f for f in families.values() if name in f["model_types"]), None)
     if family is None:
         return None
-    model_type = name if name in family.model_types else family.model_types[0]
-    task = next(t for t in TASKS if t in family.heads)
+    model_type = name if name in family["model_types"] else family["model_types"][0]
+    task = next(t for t in TASKS if t in family["tasks"])
     auto = {"sequence-classification": "AutoModelForSequenceClassification",
             "image-classification": "AutoModelForImageClassification", "causal-lm": "AutoModelForCausalLM"}[task]
     try:
@@ -402,12 +299,12 @@ def _tiny_family_model(name: str):
 def cmd_layers(args: LayersArguments) -> int:
     import transformers
 
-    from .families import _supported_text, support_table
-    from .layers import LayerView
+    from ..families import support_table
+    from ..layers import LayerView
 
     if args.list_families:  # the support table, generated from the registry (also in docs/layers.md)
         print(support_table())
-        print(f"\nFamilies (model types: tasks): {_supported_text()}")
+        print(f"\nFamilies (model types: tasks): {supported_text()}")
         return 0
     name = args.model_name_or_path
     if not name:
@@ -448,7 +345,7 @@ COMMANDS = {
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, _CommandParser]]:
-    from . import __version__
+    from .. import __version__
 
     parser = argparse.ArgumentParser(prog="hf-align", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hf-align {__version__}")

@@ -7,6 +7,14 @@ import re
 import numpy as np
 
 
+def digits_split(labels: np.ndarray, test_size: float = 0.25, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(train indices, test indices)`` of the digits: stratified by label, seeded. The one split of the digits
+    (:func:`load_digits_dataset` and the CLI's ``embedded:digits`` both use it)."""
+    from sklearn.model_selection import train_test_split
+
+    return tuple(train_test_split(np.arange(len(labels)), test_size=test_size, random_state=seed, stratify=labels))
+
+
 def load_digits_dataset(test_size: float = 0.25, seed: int = 0, image_size: int = 8):
     """scikit-learn's handwritten digits (1,797 real 8x8 scans, 10 classes) as a ``DatasetDict``.
 
@@ -15,8 +23,6 @@ def load_digits_dataset(test_size: float = 0.25, seed: int = 0, image_size: int 
     """
     from datasets import Dataset, DatasetDict
     from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # (N, 8, 8) in [-1, 1]
     if image_size != 8:
@@ -26,8 +32,7 @@ def load_digits_dataset(test_size: float = 0.25, seed: int = 0, image_size: int 
         images = F.interpolate(torch.from_numpy(images)[:, None], size=(image_size, image_size), mode="bilinear",
                                align_corners=False)[:, 0].numpy()
     labels = digits.target.astype(np.int64)
-    idx_train, idx_test = train_test_split(np.arange(len(labels)), test_size=test_size, random_state=seed,
-                                           stratify=labels)
+    idx_train, idx_test = digits_split(labels, test_size, seed)
 
     def build(idx):
         return Dataset.from_dict({"pixel_values": images[idx][:, None], "labels": labels[idx]}).with_format("torch")

@@ -1,4 +1,4 @@
-"""The one data layer (hf_align.analysis.data): collation and padding, label keys and checks, every data form,
+"""The one data layer (hf_align.data): collation and padding, label keys and checks, every data form,
 rank sharding, eval mode restored."""
 
 import datasets
@@ -6,16 +6,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from hf_align.analysis.data import (
+from hf_align.data import (
     LABEL_KEYS,
     check_dataset_labels,
     check_labels,
     collate,
     dataset_labels,
-    eval_mode,
     iter_batches,
     split_labels,
 )
+from hf_align.layers import eval_mode
 
 ROWS = [{"input_ids": list(range(1, 2 + i % 4)), "text": "dropped", "label": i % 3} for i in range(10)]
 
@@ -70,7 +70,7 @@ def test_every_data_form_gives_the_same_batches():
         iter_batches(ROWS, 0)
     with pytest.raises(ValueError, match="empty"):
         iter_batches([], 4)
-    from hf_align.analysis.data import require_reiterable
+    from hf_align.data import require_reiterable
 
     require_reiterable(ROWS, "x")
     with pytest.raises(ValueError, match="x needs a second pass"):
@@ -78,7 +78,7 @@ def test_every_data_form_gives_the_same_batches():
 
 
 def test_rank_sharding_deals_batches_round_robin(monkeypatch):
-    import hf_align.analysis.data as data_layer
+    import hf_align.data.batches as data_layer
 
     seen = []
     for rank in (0, 1):

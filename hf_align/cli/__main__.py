@@ -1,0 +1,7 @@
+"""``python -m hf_align.cli``: the ``hf-align`` command."""
+
+import sys
+
+from . import main
+
+sys.exit(main())
