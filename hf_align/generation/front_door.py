@@ -63,7 +63,7 @@ def check_decoder(model: Any, who: str = DECODING) -> nn.Module:
     task = _task_of(hf_model)
     if task in ("sequence-classification", "image-classification"):
         raise ValueError(
-            f"{name} is a classifier with no LM head; {who} drafts and verifies tokens through the model's LM head, "
+            f"{name} is a classifier with no LM head; {who} reads every token through the model's LM head, "
             "so it needs a causal LM (a *ForCausalLM / *LMHeadModel model)"
         )
     if task != "causal-lm":
