@@ -463,3 +463,55 @@ def test_resume_continues_the_layer_dropout_draws(tmp_path):
         ref = [e[key] for e in full.state.log_history if key in e]
         again = [e[key] for e in resumed.state.log_history if key in e]
         assert again[-3:] == ref[-3:], key  # before: steps 4-6 repeated the draws of steps 1-3
+
+
+# -- exit_costs at the position limit ----------------------------------------------------------------------
+
+
+def _llama_128():
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=37, vocab_size=99, num_key_value_heads=2,
+                                            max_position_embeddings=128, pad_token_id=0)).eval()
+
+
+def test_exit_costs_decodes_up_to_the_last_position():
+    import hf_align
+
+    table = hf_align.exit_costs(_llama_128(), mode="decode", kv_length=127, repeats=1, progress=False)
+    assert table.kv_length == 127 and "KV cache of 127" in table.to_markdown()
+    assert hf_align.exit_costs(_llama_128(), repeats=1, progress=False).kv_length == 127  # default: what fits
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="decode", kv_length=128), "kv_length must be at most 127"),
+    (dict(mode="decode", seq_len=128), "seq_len must be at most 127"),
+    (dict(mode="forward", seq_len=129), "seq_len must be at most 128"),
+])
+def test_exit_costs_refuses_lengths_beyond_the_positions_before_any_forward(kwargs, message):
+    import hf_align
+
+    model = _llama_128()
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        hf_align.exit_costs(model, repeats=1, progress=False, **kwargs)
+    assert not calls
+
+
+def test_exit_costs_measures_exactly_the_asked_length():
+    import transformers as T
+
+    import hf_align
+
+    torch.manual_seed(0)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=200,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    seen = []
+    gpt2.transformer.wte.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    table = hf_align.exit_costs(gpt2, mode="forward", seq_len=200, repeats=1, progress=False)
+    assert table.seq_len == 200 and set(seen) - {8} == {200}  # 8: the layer view's self-check batch
+    with pytest.raises(ValueError, match="seq_len must be at most 200"):
+        hf_align.exit_costs(gpt2, mode="forward", seq_len=201, progress=False)
