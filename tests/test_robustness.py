@@ -515,3 +515,125 @@ def test_exit_costs_measures_exactly_the_asked_length():
     assert table.seq_len == 200 and set(seen) - {8} == {200}  # 8: the layer view's self-check batch
     with pytest.raises(ValueError, match="seq_len must be at most 200"):
         hf_align.exit_costs(gpt2, mode="forward", seq_len=201, progress=False)
+
+
+# -- one pickle policy: safetensors only, through the pipeline too ------------------------------------------
+
+
+def _saved_bert(folder, pickled: bool):
+    import os
+
+    import transformers as T
+    from test_cli import word_tokenizer
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=37,
+                                                         max_position_embeddings=32, num_labels=3)).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if pickled:  # transformers 5 writes safetensors only: make the pickled-only folder by hand
+        os.remove(os.path.join(folder, "model.safetensors"))
+        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    return model
+
+
+def test_pipeline_refuses_pickled_only_weights_like_from_pretrained(tmp_path, monkeypatch):
+    import transformers as T
+
+    import hf_align
+    from hf_align.modeling.early_exit import PickledWeightsError
+
+    folder = str(tmp_path / "bin-only")
+    _saved_bert(folder, pickled=True)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (reads.append(a), real_load(*a, **k))[1])
+    with pytest.raises(PickledWeightsError) as from_pretrained:
+        hf_align.EarlyExitModel.from_pretrained(folder)
+    with pytest.raises(PickledWeightsError) as from_pipeline:
+        T.pipeline("early-exit-classification", model=folder)
+    assert str(from_pipeline.value) == str(from_pretrained.value)
+    assert "pytorch_model.bin" in str(from_pipeline.value) and "safetensors" in str(from_pipeline.value)
+    assert not reads  # refused before any weight file was unpickled
+    T.BertForSequenceClassification.from_pretrained(folder)  # the control: transformers itself reads the pickle
+    assert reads
+
+
+def test_pipeline_still_loads_a_safetensors_folder(tmp_path):
+    import transformers as T
+
+    folder = str(tmp_path / "safe")
+    _saved_bert(folder, pickled=False)
+    clf = T.pipeline("early-exit-classification", model=folder, threshold=0.5)
+    out = clf("the red cat")
+    assert out[0]["num_layers"] == 2 and 1 <= out[0]["exit_layer"] <= 2
+    with pytest.raises(Exception, match="use_safetensors=False"):
+        T.pipeline("early-exit-classification", model=folder, model_kwargs={"use_safetensors": False})
+
+
+# -- the super-resolution folder without `import hf_align` ---------------------------------------------------
+
+_SR_WITHOUT_HF_ALIGN = r"""
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+out = {}
+for name, kwargs in [("plain", {}), ("trust_only", {"trust_remote_code": True}),
+                     ("custom_untrusted", {"custom_pipeline": "pipeline"})]:
+    try:
+        DiffusionPipeline.from_pretrained(SR, **kwargs)
+        out[name] = "loaded"
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+    out[name + "_imported"] = "hf_align" in sys.modules
+pipe = DiffusionPipeline.from_pretrained(SR, custom_pipeline="pipeline", trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+low = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+high = pipe(low, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+out["trusted"] = [type(pipe).__name__, type(pipe).__module__, np.asarray(high).tolist()]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    from diffusers import DDPMScheduler
+
+    from hf_align.diffusion import sr_unet
+    from hf_align.pipelines.super_resolution import SuperResolutionPipeline
+
+    torch.manual_seed(0)
+    pipe = SuperResolutionPipeline(sr_unet(image_channels=3, block_out_channels=(8, 16), norm_num_groups=4),
+                                   DDPMScheduler(num_train_timesteps=20), scale_factor=2)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "sr"
+    pipe.save_pretrained(folder)
+    code = (folder / "pipeline.py").read_text()
+    imports = [line.strip() for line in code.splitlines() if line.strip().startswith(("import ", "from "))]
+    assert imports == ["from hf_align.pipelines.super_resolution import SuperResolutionPipeline  # noqa: F401"]
+    assert 'custom_pipeline="pipeline", trust_remote_code=True' in (folder / "README.md").read_text()
+    low = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+    expected = pipe(low, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home"),
+           "HF_MODULES_CACHE": str(tmp_path / "home" / "modules"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-c", f"SR = {str(folder)!r}\n" + _SR_WITHOUT_HF_ALIGN], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    # no argument, or trust_remote_code alone: diffusers looks the class up in its own namespace (its message)
+    for name in ("plain", "trust_only"):
+        assert out[name][0] == "AttributeError" and "SuperResolutionPipeline" in out[name][1]
+        assert out[name + "_imported"] is False
+    # naming the file without trusting it: diffusers refuses before running it
+    assert out["custom_untrusted"][0] == "ValueError" and "trust_remote_code=True" in out["custom_untrusted"][1]
+    assert out["custom_untrusted_imported"] is False
+    assert out["trusted"][:2] == ["SuperResolutionPipeline", "hf_align.pipelines.super_resolution"]
+    np.testing.assert_allclose(np.asarray(out["trusted"][2]), expected, atol=1e-6)
