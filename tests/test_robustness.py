@@ -597,13 +597,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_path):
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import numpy as np
+def _saved_sr(folder):
     from diffusers import DDPMScheduler
 
     from hf_align.diffusion import sr_unet
@@ -613,12 +607,35 @@ def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_pa
     pipe = SuperResolutionPipeline(sr_unet(image_channels=3, block_out_channels=(8, 16), norm_num_groups=4),
                                    DDPMScheduler(num_train_timesteps=20), scale_factor=2)
     pipe.set_progress_bar_config(disable=True)
-    folder = tmp_path / "sr"
     pipe.save_pretrained(folder)
+    return pipe
+
+
+def test_sr_folder_carries_a_pipeline_file_that_only_imports_hf_align(tmp_path):
+    import json
+
+    folder = tmp_path / "sr"
+    _saved_sr(folder)
     code = (folder / "pipeline.py").read_text()
     imports = [line.strip() for line in code.splitlines() if line.strip().startswith(("import ", "from "))]
     assert imports == ["from hf_align.pipelines.super_resolution import SuperResolutionPipeline  # noqa: F401"]
-    assert 'custom_pipeline="pipeline", trust_remote_code=True' in (folder / "README.md").read_text()
+    # a plain class name: `import hf_align; DiffusionPipeline.from_pretrained(folder)` needs no trust_remote_code
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "SuperResolutionPipeline"
+    card = (folder / "README.md").read_text()
+    assert "import hf_align" in card and 'custom_pipeline="pipeline", trust_remote_code=True' in card
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10-30 s
+def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    folder = tmp_path / "sr"
+    pipe = _saved_sr(folder)
     low = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
     expected = pipe(low, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home"),
