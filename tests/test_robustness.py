@@ -654,3 +654,20 @@ def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_pa
     assert out["custom_untrusted_imported"] is False
     assert out["trusted"][:2] == ["SuperResolutionPipeline", "hf_align.pipelines.super_resolution"]
     np.testing.assert_allclose(np.asarray(out["trusted"][2]), expected, atol=1e-6)
+
+
+def test_pickled_only_hub_repo_is_refused_from_the_offline_cache(tmp_path):
+    import transformers as T
+    from hub_cache import populate_hub_cache
+
+    import hf_align
+    from hf_align.modeling.early_exit import PickledWeightsError
+
+    folder = tmp_path / "bin-only"
+    _saved_bert(str(folder), pickled=True)
+    cache = tmp_path / "cache"
+    populate_hub_cache(cache, "user/bin-only", str(folder))
+    with pytest.raises(PickledWeightsError, match="user/bin-only holds only pickled weights"):
+        hf_align.EarlyExitModel.from_pretrained("user/bin-only", cache_dir=str(cache))
+    with pytest.raises(PickledWeightsError, match="user/bin-only holds only pickled weights"):
+        T.pipeline("early-exit-classification", model="user/bin-only", model_kwargs={"cache_dir": str(cache)})
