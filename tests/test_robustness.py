@@ -463,3 +463,211 @@ def test_resume_continues_the_layer_dropout_draws(tmp_path):
         ref = [e[key] for e in full.state.log_history if key in e]
         again = [e[key] for e in resumed.state.log_history if key in e]
         assert again[-3:] == ref[-3:], key  # before: steps 4-6 repeated the draws of steps 1-3
+
+
+# -- exit_costs at the position limit ----------------------------------------------------------------------
+
+
+def _llama_128():
+    import transformers as T
+
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=37, vocab_size=99, num_key_value_heads=2,
+                                            max_position_embeddings=128, pad_token_id=0)).eval()
+
+
+def test_exit_costs_decodes_up_to_the_last_position():
+    import hf_align
+
+    table = hf_align.exit_costs(_llama_128(), mode="decode", kv_length=127, repeats=1, progress=False)
+    assert table.kv_length == 127 and "KV cache of 127" in table.to_markdown()
+    assert hf_align.exit_costs(_llama_128(), repeats=1, progress=False).kv_length == 127  # default: what fits
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(mode="decode", kv_length=128), "kv_length must be at most 127"),
+    (dict(mode="decode", seq_len=128), "seq_len must be at most 127"),
+    (dict(mode="forward", seq_len=129), "seq_len must be at most 128"),
+])
+def test_exit_costs_refuses_lengths_beyond_the_positions_before_any_forward(kwargs, message):
+    import hf_align
+
+    model = _llama_128()
+    calls = []
+    model.model.embed_tokens.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError, match=message):
+        hf_align.exit_costs(model, repeats=1, progress=False, **kwargs)
+    assert not calls
+
+
+def test_exit_costs_measures_exactly_the_asked_length():
+    import transformers as T
+
+    import hf_align
+
+    torch.manual_seed(0)
+    gpt2 = T.GPT2LMHeadModel(T.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=200,
+                                          pad_token_id=0, bos_token_id=1, eos_token_id=2)).eval()
+    seen = []
+    gpt2.transformer.wte.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    table = hf_align.exit_costs(gpt2, mode="forward", seq_len=200, repeats=1, progress=False)
+    assert table.seq_len == 200 and set(seen) - {8} == {200}  # 8: the layer view's self-check batch
+    with pytest.raises(ValueError, match="seq_len must be at most 200"):
+        hf_align.exit_costs(gpt2, mode="forward", seq_len=201, progress=False)
+
+
+# -- one pickle policy: safetensors only, through the pipeline too ------------------------------------------
+
+
+def _saved_bert(folder, pickled: bool):
+    import os
+
+    import transformers as T
+    from test_cli import word_tokenizer
+
+    tok = word_tokenizer()
+    torch.manual_seed(0)
+    model = T.BertForSequenceClassification(T.BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                                                         num_attention_heads=4, intermediate_size=37,
+                                                         max_position_embeddings=32, num_labels=3)).eval()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if pickled:  # transformers 5 writes safetensors only: make the pickled-only folder by hand
+        os.remove(os.path.join(folder, "model.safetensors"))
+        torch.save(model.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    return model
+
+
+def test_pipeline_refuses_pickled_only_weights_like_from_pretrained(tmp_path, monkeypatch):
+    import transformers as T
+
+    import hf_align
+    from hf_align.modeling.early_exit import PickledWeightsError
+
+    folder = str(tmp_path / "bin-only")
+    _saved_bert(folder, pickled=True)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (reads.append(a), real_load(*a, **k))[1])
+    with pytest.raises(PickledWeightsError) as from_pretrained:
+        hf_align.EarlyExitModel.from_pretrained(folder)
+    with pytest.raises(PickledWeightsError) as from_pipeline:
+        T.pipeline("early-exit-classification", model=folder)
+    assert str(from_pipeline.value) == str(from_pretrained.value)
+    assert "pytorch_model.bin" in str(from_pipeline.value) and "safetensors" in str(from_pipeline.value)
+    assert not reads  # refused before any weight file was unpickled
+    T.BertForSequenceClassification.from_pretrained(folder)  # the control: transformers itself reads the pickle
+    assert reads
+
+
+def test_pipeline_still_loads_a_safetensors_folder(tmp_path):
+    import transformers as T
+
+    folder = str(tmp_path / "safe")
+    _saved_bert(folder, pickled=False)
+    clf = T.pipeline("early-exit-classification", model=folder, threshold=0.5)
+    out = clf("the red cat")
+    assert out[0]["num_layers"] == 2 and 1 <= out[0]["exit_layer"] <= 2
+    with pytest.raises(Exception, match="use_safetensors=False"):
+        T.pipeline("early-exit-classification", model=folder, model_kwargs={"use_safetensors": False})
+
+
+# -- the super-resolution folder without `import hf_align` ---------------------------------------------------
+
+_SR_WITHOUT_HF_ALIGN = r"""
+import json, sys
+import numpy as np, torch
+from diffusers import DiffusionPipeline
+out = {}
+for name, kwargs in [("plain", {}), ("trust_only", {"trust_remote_code": True}),
+                     ("custom_untrusted", {"custom_pipeline": "pipeline"})]:
+    try:
+        DiffusionPipeline.from_pretrained(SR, **kwargs)
+        out[name] = "loaded"
+    except Exception as e:
+        out[name] = [type(e).__name__, str(e)]
+    out[name + "_imported"] = "hf_align" in sys.modules
+pipe = DiffusionPipeline.from_pretrained(SR, custom_pipeline="pipeline", trust_remote_code=True)
+pipe.set_progress_bar_config(disable=True)
+low = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+high = pipe(low, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+out["trusted"] = [type(pipe).__name__, type(pipe).__module__, np.asarray(high).tolist()]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def _saved_sr(folder):
+    from diffusers import DDPMScheduler
+
+    from hf_align.diffusion import sr_unet
+    from hf_align.pipelines.super_resolution import SuperResolutionPipeline
+
+    torch.manual_seed(0)
+    pipe = SuperResolutionPipeline(sr_unet(image_channels=3, block_out_channels=(8, 16), norm_num_groups=4),
+                                   DDPMScheduler(num_train_timesteps=20), scale_factor=2)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(folder)
+    return pipe
+
+
+def test_sr_folder_carries_a_pipeline_file_that_only_imports_hf_align(tmp_path):
+    import json
+
+    folder = tmp_path / "sr"
+    _saved_sr(folder)
+    code = (folder / "pipeline.py").read_text()
+    imports = [line.strip() for line in code.splitlines() if line.strip().startswith(("import ", "from "))]
+    assert imports == ["from hf_align.pipelines.super_resolution import SuperResolutionPipeline  # noqa: F401"]
+    # a plain class name: `import hf_align; DiffusionPipeline.from_pretrained(folder)` needs no trust_remote_code
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "SuperResolutionPipeline"
+    card = (folder / "README.md").read_text()
+    assert "import hf_align" in card and 'custom_pipeline="pipeline", trust_remote_code=True' in card
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch and diffusers: ~10-30 s
+def test_sr_folder_loads_without_import_through_its_trusted_pipeline_file(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    folder = tmp_path / "sr"
+    pipe = _saved_sr(folder)
+    low = np.full((1, 8, 8, 3), 0.5, dtype=np.float32)
+    expected = pipe(low, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np").images
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "home"),
+           "HF_MODULES_CACHE": str(tmp_path / "home" / "modules"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.run([sys.executable, "-c", f"SR = {str(folder)!r}\n" + _SR_WITHOUT_HF_ALIGN], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    # no argument, or trust_remote_code alone: diffusers looks the class up in its own namespace (its message)
+    for name in ("plain", "trust_only"):
+        assert out[name][0] == "AttributeError" and "SuperResolutionPipeline" in out[name][1]
+        assert out[name + "_imported"] is False
+    # naming the file without trusting it: diffusers refuses before running it
+    assert out["custom_untrusted"][0] == "ValueError" and "trust_remote_code=True" in out["custom_untrusted"][1]
+    assert out["custom_untrusted_imported"] is False
+    assert out["trusted"][:2] == ["SuperResolutionPipeline", "hf_align.pipelines.super_resolution"]
+    np.testing.assert_allclose(np.asarray(out["trusted"][2]), expected, atol=1e-6)
+
+
+def test_pickled_only_hub_repo_is_refused_from_the_offline_cache(tmp_path):
+    import transformers as T
+    from hub_cache import populate_hub_cache
+
+    import hf_align
+    from hf_align.modeling.early_exit import PickledWeightsError
+
+    folder = tmp_path / "bin-only"
+    _saved_bert(str(folder), pickled=True)
+    cache = tmp_path / "cache"
+    populate_hub_cache(cache, "user/bin-only", str(folder))
+    with pytest.raises(PickledWeightsError, match="user/bin-only holds only pickled weights"):
+        hf_align.EarlyExitModel.from_pretrained("user/bin-only", cache_dir=str(cache))
+    with pytest.raises(PickledWeightsError, match="user/bin-only holds only pickled weights"):
+        T.pipeline("early-exit-classification", model="user/bin-only", model_kwargs={"cache_dir": str(cache)})

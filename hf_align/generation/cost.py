@@ -60,7 +60,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from ..layers import LayerView, preserved_state
+from ..layers import LayerView, _task_of, preserved_state, unwrap_model
 
 __all__ = ["ExitCostTable", "exit_costs", "plot_exit_costs", "count_flops", "peak_memory"]
 
@@ -299,8 +299,48 @@ def plot_exit_costs(table: ExitCostTable, path: str | None = None):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _position_limit(model: nn.Module) -> int | None:
+    """The most positions a text model takes (``max_position_embeddings`` / ``n_positions``), or None.
+
+    A learned position table with a padding index starts counting after it (RoBERTa's position ids begin at
+    ``padding_idx + 1``), so ``padding_idx + 1`` of its rows are not positions."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(model, "main_input_name", None) == "pixel_values":
+        return None  # images: the sequence is the config's patches
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    max_pos = getattr(text_config, "max_position_embeddings", None) or getattr(text_config, "n_positions", None)
+    if not isinstance(max_pos, int) or isinstance(max_pos, bool) or max_pos < 1:
+        return None
+    for name, module in model.named_modules():
+        if (isinstance(module, nn.Embedding) and "position" in name.rsplit(".", 1)[-1]
+                and module.num_embeddings == max_pos and module.padding_idx is not None):
+            return max_pos - module.padding_idx - 1
+    return max_pos
+
+
+def _check_length(model: nn.Module, mode: str, tokens: int, what: str) -> None:
+    """Refuse a length the model cannot take: ``tokens`` positions (forward) or ``tokens`` cached + 1 new (decode)."""
+    limit = _position_limit(model)
+    if limit is None:
+        return
+    needed = tokens + 1 if mode == "decode" else tokens
+    if needed > limit:
+        allowed = limit - 1 if mode == "decode" else limit
+        extra = " (a decoding step adds one position after the cache)" if mode == "decode" else ""
+        raise ValueError(f"{what}={tokens} needs {needed} positions{extra}, but {type(model).__name__} takes "
+                         f"at most {limit}: {what} must be at most {allowed}")
+
+
 def _synthetic_inputs(view: LayerView, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """``batch_size`` x ``seq_len`` tokens exactly (no padding), or images of the config's size."""
     inputs = view.example_inputs(batch_size=batch_size, seq_len=seq_len)
+    if "input_ids" in inputs and inputs["input_ids"].shape[1] != seq_len:
+        # example_inputs keeps a margin below the position limit; the caller's length was checked against it
+        config = view.hf_model.config
+        vocab = (config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+        generator = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, vocab, (inputs["input_ids"].shape[0], seq_len), generator=generator)
+        inputs = {"input_ids": ids.to(view.device), "attention_mask": torch.ones_like(ids).to(view.device)}
     if "attention_mask" in inputs:
         inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])  # no padding: every token is work
         pad = getattr(view.hf_model.config, "pad_token_id", None)
@@ -316,7 +356,7 @@ def exit_costs(
     *,
     mode: str | None = None,
     batch_size: int = 1,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     kv_length: int | None = None,
     exit_layers: Sequence[int] | None = None,
     repeats: int = 5,
@@ -328,6 +368,9 @@ def exit_costs(
         model: a supported ``*ForSequenceClassification`` / ``*ForImageClassification`` / ``*ForCausalLM``.
         inputs: one batch of model inputs (``input_ids`` [+ ``attention_mask``] or ``pixel_values``); by default
             a synthetic batch of ``batch_size`` x ``seq_len`` tokens (images of the config's size).
+        seq_len: tokens per row of the synthetic batch; default 128, or fewer when the model takes fewer positions
+            (decoding needs one position after the cache). A length beyond the model's
+            ``max_position_embeddings`` / ``n_positions`` is a ``ValueError`` before any forward.
         mode: ``"decode"`` (causal LMs' default: one decoding step with a KV cache of ``kv_length``) or
             ``"forward"`` (one forward of the batch; the only mode for classifiers).
         kv_length: cache length for ``mode="decode"``; default: the inputs' length (the inputs pre-fill it).
@@ -337,14 +380,19 @@ def exit_costs(
     Returns:
         an :class:`ExitCostTable` (``.rows`` is a list of dicts; ``.to_markdown()``, ``.plot(path)``).
     """
-    view = LayerView(model)
-    L = view.num_layers
-    lm = view.task == "causal-lm"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"exit_costs expects a transformers model (torch.nn.Module), got {type(model).__name__}")
+    hf_model = unwrap_model(model)  # what the layer view sees; the arguments are checked before its self-check runs
+    task = _task_of(hf_model)
+    lm = task == "causal-lm"
     mode = mode if mode is not None else ("decode" if lm else "forward")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "decode" and not lm:
-        raise ValueError(f"mode='decode' needs a causal LM; {type(view.hf_model).__name__} is a {view.task} model")
+        raise ValueError(f"mode='decode' needs a causal LM; {type(hf_model).__name__} is a {task or 'base'} model")
+    if seq_len is None:
+        limit = _position_limit(hf_model)
+        seq_len = 128 if limit is None else max(1, min(128, limit - 1 if mode == "decode" else limit))
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("repeats", repeats)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -352,16 +400,24 @@ def exit_costs(
         raise ValueError(f"kv_length must be a positive integer, got {kv_length!r}")
     if kv_length is not None and mode != "decode":
         raise ValueError("kv_length applies to mode='decode' only")
+    if inputs is not None and not isinstance(inputs, dict):
+        raise TypeError(f"inputs must be a dict of model inputs (one batch), got {type(inputs).__name__}")
+    if mode == "decode" and kv_length is not None:
+        _check_length(hf_model, mode, kv_length, "kv_length")
+    elif inputs is None:
+        _check_length(hf_model, mode, seq_len, "seq_len")
+    elif isinstance(inputs.get("input_ids"), torch.Tensor) and inputs["input_ids"].ndim == 2:
+        _check_length(hf_model, mode, int(inputs["input_ids"].shape[1]), "len(input_ids)")
+    view = LayerView(model)
+    L = view.num_layers
     depths = list(range(1, L + 1)) if exit_layers is None else list(exit_layers)
     if not depths or any(isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= L for d in depths):
         raise ValueError(f"exit_layers must be integers in [1, {L}], got {exit_layers!r}")
     if L not in depths:
         depths.append(L)  # the full depth is the reference of speed-up and FLOPs fraction
     depths = sorted(set(depths))
-    if inputs is not None and not isinstance(inputs, dict):
-        raise TypeError(f"inputs must be a dict of model inputs (one batch), got {type(inputs).__name__}")
     if inputs is None:
-        inputs = _synthetic_inputs(view, batch_size, seq_len if mode == "forward" or kv_length is None else kv_length)
+        inputs = _synthetic_inputs(view, batch_size, kv_length if mode == "decode" and kv_length is not None else seq_len)
     inputs = {k: v.to(view.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()
               if k not in ("labels", "label")}
     key = "pixel_values" if "pixel_values" in inputs else "input_ids"

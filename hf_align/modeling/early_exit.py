@@ -38,13 +38,70 @@ from transformers.utils import ModelOutput
 
 from ..layers import LayerView, eval_mode
 
-__all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES"]
+__all__ = ["EarlyExitConfig", "EarlyExitModel", "EarlyExitOutput", "POLICIES", "PickledWeightsError",
+           "refuse_pickled_weights"]
 
 POLICIES = ("confidence", "entropy", "patience", "fixed")
 _SETTING_NAMES = ("policy", "threshold", "patience", "exit_layer", "min_layer")  # the fields of EarlyExitConfig
 # other transformers `from_pretrained` options EarlyExitModel.from_pretrained passes on
 _LOAD_KWARGS = ("attn_implementation", "force_download", "proxies", "variant", "max_memory", "offload_folder",
                 "quantization_config")
+
+
+_PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".bin.index.json")
+
+
+class PickledWeightsError(Exception):
+    """A folder or Hub repo whose weights exist only in a pickled format (``pytorch_model.bin``, ...).
+
+    hf-align loads safetensors weights only. Deliberately not an ``OSError`` / ``ValueError``: transformers'
+    pipeline loader catches those and retries with the class named in ``config.architectures``, which would read
+    the pickle; this error stops ``pipeline(...)`` before any weight file is opened."""
+
+
+def _weight_files(path, *, revision=None, token=None, cache_dir=None, local_files_only=False,
+                  subfolder: str = "") -> list[str] | None:
+    """The weight-like file names of a local folder or Hub repo (in ``subfolder``), or None when unknown.
+
+    Offline (``HF_HUB_OFFLINE`` or ``local_files_only``) a Hub repo is looked up in the local cache only."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        folder = os.path.join(path, subfolder)
+        return sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    names = ["model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+             "pytorch_model.bin", "pytorch_model.bin.index.json", "adapter_model.bin"]
+    if local_files_only or constants.HF_HUB_OFFLINE:
+        prefix = f"{subfolder}/" if subfolder else ""
+        found = [n for n in names if isinstance(try_to_load_from_cache(path, prefix + n, cache_dir=cache_dir,
+                                                                       revision=revision), str)]
+        return found or None
+    try:
+        from huggingface_hub import list_repo_files
+
+        files = list_repo_files(path, revision=revision, token=token)
+    except Exception:  # noqa: BLE001 - unknown (no network, no such repo): the loader reports it
+        return None
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return sorted(f[len(prefix):] for f in files if f.startswith(prefix) and "/" not in f[len(prefix):])
+
+
+def refuse_pickled_weights(path, **hub: Any) -> None:
+    """Raise :class:`PickledWeightsError` when ``path`` (folder or Hub repo) has pickled weights and no safetensors.
+
+    Only file names are looked at (``hub``: ``revision``, ``token``, ``cache_dir``, ``local_files_only``,
+    ``subfolder``); nothing is downloaded or unpickled."""
+    files = _weight_files(path, **{k: v for k, v in hub.items() if v is not None})
+    if not files or any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json") for f in files):
+        return
+    pickled = [f for f in files if f.endswith(_PICKLED)]
+    if pickled:
+        raise PickledWeightsError(
+            f"{os.fspath(path)} holds only pickled weights ({', '.join(pickled)}) and no safetensors file; hf-align "
+            "loads safetensors weights only and reads no pickle. Where you trust the file, convert it once with "
+            "transformers (AutoModelForSequenceClassification.from_pretrained(path).save_pretrained(new_folder) "
+            "writes model.safetensors) and load new_folder.")
 
 
 @dataclass
@@ -137,6 +194,9 @@ class EarlyExitModel(nn.Module):
                         local_files_only: bool = False, subfolder: str = "", **kwargs: Any) -> EarlyExitModel:
         """Load a saved classifier (local folder or Hub repo id; safetensors only, no remote code) and wrap it.
 
+        A folder or repo with only pickled weights (``pytorch_model.bin``) raises :class:`PickledWeightsError`
+        before anything is read, as ``pipeline("early-exit-classification", model=...)`` does.
+
         ``dtype``, ``revision``, ``token``, ``cache_dir``, ``device_map``, ``local_files_only`` and ``subfolder`` are
         passed to transformers' ``from_pretrained``; the exit settings (``policy``, ``threshold``, ``patience``,
         ``exit_layer``, ``min_layer``) override the saved ``config.early_exit``; ``attn_implementation``,
@@ -159,6 +219,7 @@ class EarlyExitModel(nn.Module):
         hub = {"revision": revision, "token": token, "cache_dir": cache_dir, "local_files_only": local_files_only,
                "subfolder": subfolder}
         path = pretrained_model_name_or_path
+        refuse_pickled_weights(path, **hub)  # before any config or weight is read
         config_source = path
         adapter = find_adapter_config_file(path, **hub)
         if adapter is not None and not os.path.isfile(os.path.join(os.fspath(path), subfolder, "config.json")):

@@ -23,7 +23,7 @@ from transformers import Pipeline
 
 from .._registration import PIPELINES, when_imported
 from ..hub import REMOTE_CODE_FILE, REMOTE_TASK, remote_pipeline_entry, write_remote_code  # noqa: F401 (re-exported)
-from ..modeling.early_exit import EarlyExitModel
+from ..modeling.early_exit import EarlyExitModel, PickledWeightsError, refuse_pickled_weights
 
 _SETTINGS = ("policy", "threshold", "patience", "exit_layer", "min_layer")
 
@@ -151,6 +151,30 @@ class EarlyExitClassificationPipeline(Pipeline):
                            token=token, revision=revision, create_pr=create_pr, **card_metadata)
 
 
+_HUB_ARGS = ("revision", "token", "cache_dir", "local_files_only", "subfolder")
+
+
+def _safetensors_only(auto: type) -> type:
+    """``auto`` whose ``from_pretrained`` refuses a folder / repo with only pickled weights before reading anything.
+
+    transformers' pipeline loader tries the task's classes, catches OSError/ValueError/TypeError/RuntimeError and
+    then tries the class in ``config.architectures``, which would read a ``pytorch_model.bin``; so the check runs
+    here, first, and raises :class:`~hf_align.modeling.early_exit.PickledWeightsError` (which it does not catch).
+    The class keeps ``auto``'s name (a saved pipeline's ``custom_pipelines`` entry names transformers' class)."""
+
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        if kwargs.get("use_safetensors") is False:
+            raise PickledWeightsError("hf-align loads safetensors weights only: use_safetensors=False is refused")
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+            refuse_pickled_weights(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_ARGS if k in kwargs})
+            kwargs["use_safetensors"] = True
+        return auto.from_pretrained.__func__(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+
+    return type(auto.__name__, (auto,), {"from_pretrained": classmethod(from_pretrained),
+                                         "__module__": __name__, "__qualname__": auto.__name__,
+                                         "__doc__": auto.__doc__})
+
+
 def register_pipeline() -> None:
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
     from transformers.pipelines import PIPELINE_REGISTRY
@@ -159,7 +183,8 @@ def register_pipeline() -> None:
         PIPELINE_REGISTRY.register_pipeline(
             "early-exit-classification",
             pipeline_class=EarlyExitClassificationPipeline,
-            pt_model=(AutoModelForSequenceClassification, AutoModelForImageClassification),
+            pt_model=(_safetensors_only(AutoModelForSequenceClassification),
+                      _safetensors_only(AutoModelForImageClassification)),
             type="multimodal",
         )
 

@@ -21,7 +21,37 @@ from ..diffusion.images import bicubic_downsample, bicubic_upsample
 logger = logging.get_logger(__name__)
 
 __all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample",
-           "register_diffusers_pipeline"]
+           "register_diffusers_pipeline", "REMOTE_CODE_FILE", "write_remote_code"]
+
+# For users who do not import hf-align: diffusers' own convention for a pipeline class defined outside diffusers is a
+# `pipeline.py` beside model_index.json, loaded by `DiffusionPipeline.from_pretrained(folder_or_repo,
+# custom_pipeline="pipeline", trust_remote_code=True)`. It only imports the installed hf-align. model_index.json keeps
+# the plain `_class_name` (a [file, class] pair would make diffusers demand trust_remote_code even after
+# `import hf_align`), so the file runs only when the user asks for it by name and trusts it.
+REMOTE_CODE_FILE = "pipeline.py"
+_REMOTE_CODE = '''"""hf-align's super-resolution pipeline, for users who do not import hf-align:
+
+    DiffusionPipeline.from_pretrained(<this folder or repo>, custom_pipeline="pipeline", trust_remote_code=True)
+
+This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
+`import hf_align; DiffusionPipeline.from_pretrained(<this folder or repo>)`, which runs no code from the repo.
+"""
+
+try:
+    from hf_align.pipelines.super_resolution import SuperResolutionPipeline  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "This super-resolution pipeline is part of hf-align, which is not installed: pip install hf-align"
+    ) from error
+'''
+
+
+def write_remote_code(folder) -> str:
+    """Write :data:`REMOTE_CODE_FILE` (the ``custom_pipeline`` entry for users without ``import hf_align``)."""
+    path = os.path.join(folder, REMOTE_CODE_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(_REMOTE_CODE)
+    return path
 
 
 def target_bound(residual: bool, residual_scale: float) -> float:
@@ -180,7 +210,9 @@ class SuperResolutionPipeline(DiffusionPipeline):
                         license: str | None = None, language=None, datasets=None, base_model=None, tags=None,
                         **kwargs):
         """diffusers' ``save_pretrained`` (safetensors) plus a model card (README.md; a README the user wrote is
-        kept). ``DiffusionPipeline.from_pretrained(folder)`` loads the folder after ``import hf_align``.
+        kept). ``DiffusionPipeline.from_pretrained(folder)`` loads the folder after ``import hf_align``; without it,
+        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)`` does (the
+        folder's ``pipeline.py`` only imports the installed hf-align).
         Card metadata: ``card_data`` and/or ``license``, ``language``, ``datasets``, ``base_model``, ``tags``."""
         from ..hub import super_resolution_card, user_metadata
 
@@ -192,6 +224,7 @@ class SuperResolutionPipeline(DiffusionPipeline):
             raise ValueError(f"save_directory must be a directory, got the file {os.fspath(save_directory)!r}")
         super().save_pretrained(save_directory, safe_serialization=safe_serialization, variant=variant,
                                 max_shard_size=max_shard_size)
+        write_remote_code(save_directory)
         if model_card:
             super_resolution_card(save_directory, self, metadata=metadata, repo=repo, **card_extra)
         if push_to_hub:
