@@ -14,6 +14,10 @@ the draft count n inside the call, from the prompt and from the call's own round
   rejections: the maximum-likelihood alpha is ``accepted / (accepted + rejections)``), combined with its prior as
   ``w`` pseudo-observations; depths not yet used get their prior scaled by the measured/prior ratio of the depths
   that were. The choice moves only when the predicted gain exceeds ``switch_margin``.
+* **Plain decoding when nothing pays off.** With the exit layer automatic, when even the best (k, n) is predicted
+  slower than plain decoding (the draft is rarely right, or a round's extra positions cost too much at this size
+  and batch), the rest of the call decodes the ordinary way: one step of the model's own forward per token, with
+  the same processors, criteria and emission.
 """
 
 from __future__ import annotations
@@ -52,12 +56,14 @@ class ExitChooser:
     prompt_positions = 32
 
     def __init__(self, view: LayerView, *, fixed_exit_layer: int | None = None, fixed_num_draft: int | None = None,
-                 candidates: list[int] | None = None, prior_weight: float = 4.0, switch_margin: float = 0.05):
+                 candidates: list[int] | None = None, prior_weight: float = 4.0, switch_margin: float = 0.05,
+                 allow_plain: bool = True):
         self.view = view
         self.num_layers = view.num_layers
         self.candidates = [fixed_exit_layer] if fixed_exit_layer is not None else (
             list(candidates) if candidates is not None else list(range(1, self.num_layers)))
         self.draft_counts = [fixed_num_draft] if fixed_num_draft is not None else list(AUTO_DRAFT_COUNTS)
+        self.allow_plain = allow_plain and fixed_exit_layer is None
         self.prior_weight = prior_weight
         self.switch_margin = switch_margin
         self.prior: dict[int, float] = {}
@@ -65,6 +71,7 @@ class ExitChooser:
         self.observed: dict[int, list[int]] = {}  # k -> [accepted, rejections]
         self.costs: dict[int, dict[str, float]] = {}
         self.current: tuple[int, int] | None = None
+        self.plain = False  # no (k, n) is predicted faster than plain decoding: decode the ordinary way
         self.history: list[tuple[int, int]] = []
         self.seconds = 0.0
 
@@ -83,7 +90,14 @@ class ExitChooser:
             self.costs[m] = self._step_costs(decoder, m)
         self.current = self._best()
         self.history.append(self.current)
+        self._check_plain()
         self.seconds += time.perf_counter() - start
+
+    def _check_plain(self) -> None:
+        """Fall back to plain decoding (for the rest of the call) when even the best (k, n) is predicted slower."""
+        if self.allow_plain and self.predicted_speedup(*self.current) < 1.0:
+            self.plain = True
+            self.history.append(("plain", 0))
 
     def _step_costs(self, decoder, m: int) -> dict[str, float]:
         view, cache = self.view, decoder.cache
@@ -152,6 +166,7 @@ class ExitChooser:
                 self.predicted_speedup(*self.current):
             self.current = best
             self.history.append(best)
+        self._check_plain()
         self.seconds += time.perf_counter() - start
 
     def report(self) -> dict[str, Any]:
@@ -169,5 +184,6 @@ class ExitChooser:
                                   for layer in self.candidates for count in self.draft_counts},
             "costs_s": {m: dict(c) for m, c in self.costs.items()},
             "history": list(self.history),
+            "plain": self.plain,
             "calibration_seconds": self.seconds,
         }

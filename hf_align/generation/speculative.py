@@ -146,6 +146,7 @@ class SpeculativeStats:
     calibration: dict[str, Any] | None = None
     fast_path: bool | None = None  # draft steps skipped the model's preamble (checked bit-exact on first use)
     ragged: bool | None = None  # rows advanced by their own accepted counts (else together, by the smallest)
+    plain_steps: int = 0  # ordinary decoding steps (automatic choice: no draft depth predicted to pay off)
     block_positions: list[int] = field(default_factory=list)  # positions run through each block (KV-reuse check)
 
     @property
@@ -162,7 +163,7 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("exit_layer", "num_draft_tokens", "num_layers", "batch_size", "rounds", "drafted", "accepted",
-                "new_tokens", "seconds", "fast_path", "ragged", "rejections", "acceptance_rate", "tokens_per_round", "tokens_per_second")
+                "new_tokens", "seconds", "fast_path", "ragged", "rejections", "plain_steps", "acceptance_rate", "tokens_per_round", "tokens_per_second")
         out = {key: getattr(self, key) for key in keys}
         if self.calibration is not None:
             out["calibration"] = self.calibration
@@ -565,6 +566,29 @@ class _Decoder:
             if holes >= max(16, self.slot_mask.shape[1] // 4):
                 self.compact()
 
+    def plain_step(self) -> None:
+        """One ordinary decoding step for every row still computing, through the model's own forward (what
+        ``_sample`` does): the automatic choice falls back to it when no draft depth is predicted to pay off."""
+        batch = self.tokens.shape[0]
+        active = ~self.compute_done
+        positions = torch.where(active, self.position, torch.zeros_like(self.position))[:, None]
+        if self.position_limit is not None:
+            positions = positions.clamp(max=self.position_limit - 1)
+        inputs = {"input_ids": self.pending[:, None], "position_ids": positions, "cache": self.cache, "use_cache": True}
+        if self.slot_mask is not None:
+            inputs["attention_mask"] = torch.cat([self.slot_mask, self.slot_mask.new_ones(batch, 1)], dim=1)
+        logits = self.model(**inputs).logits[:, -1].to(torch.float32)
+        if self.counts is not None:
+            self.counts = [c + 1 for c in self.counts]
+        scores = self._process(self.length, logits)
+        token, _ = self._pick(scores)
+        if self.slot_mask is not None or not bool(active.all()):
+            if self.slot_mask is None:
+                self.slot_mask = torch.ones(batch, self.slots() - 1, dtype=torch.long, device=self.device)
+            self.slot_mask = torch.cat([self.slot_mask, active[:, None].to(torch.long)], dim=1)
+        self._store(torch.zeros_like(self.length), token[:, None], scores[:, None], logits[:, None])
+        self.pending = torch.where(active, token, self.pending)
+
     def compact(self) -> None:
         """Squeeze every row's masked slots out of the cache: each row's real slots move to the right end, in order,
         left-padded (keys keep the rotation of their own position ids, so attention is unchanged)."""
@@ -780,6 +804,11 @@ def self_speculative(
             remaining = decoder.max_new - (decoder.length - decoder.prompt_length)[~decoder.compute_done]
             if remaining.numel() == 0:  # nothing to compute, yet some row is unfinished: cannot happen with
                 break  # generate's criteria (max_length always stops); guard against custom lists without it
+            if chooser is not None and chooser.plain:  # no draft depth pays off: decode the ordinary way
+                decoder.plain_step()
+                stats.plain_steps += 1
+                done = decoder.emit()
+                continue
             n = max(0, min(n, int(remaining.max()) - 1))
             before = (stats.accepted, stats.drafted, stats.rejections)
             decoder.round(k, n, stats)
