@@ -581,6 +581,8 @@ def write_custom_generate(folder: str | os.PathLike, exit_layer: int | None = No
                 data.pop(key, None)
             else:
                 data[key] = int(value)
+                # a config derived from the model config drops every attribute it does not know when loaded
+                data["_from_model_config"] = False
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=2, sort_keys=True)

@@ -4,7 +4,9 @@ own greedy ``generate`` and block-call counts."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 
 import huggingface_hub.constants
 import pytest
@@ -15,9 +17,12 @@ from hub_cache import populate_hub_cache
 from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
+import hf_align
+import hf_align.hub
 from hf_align import AlignedTrainer, AlignedTrainingArguments
 
 REPO = "hf-align-test/aligned-llama"
+AUTO_REPO = "hf-align-test/aligned-llama-auto"
 L = 4
 
 
@@ -44,6 +49,10 @@ def hub(tmp_path_factory):
     folder = tmp / "saved"
     trainer.save_model(str(folder))
     _tokenizer().save_pretrained(str(folder))
+    auto_folder = tmp / "auto"  # as the trainer saved it: the draft depth is chosen in each call
+    shutil.copytree(folder, auto_folder)
+    # the calibrated defaults of the saved LM (the public helper works on any saved causal LM folder)
+    hf_align.hub.write_custom_generate(str(folder), exit_layer=2, num_draft_tokens=3)
     cache = tmp / "hub"
     mp = pytest.MonkeyPatch()
     mp.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
@@ -52,6 +61,7 @@ def hub(tmp_path_factory):
     mp.setenv("HF_MODULES_CACHE", str(tmp / "modules"))
     try:
         populate_hub_cache(cache, REPO, str(folder))
+        populate_hub_cache(cache, AUTO_REPO, str(auto_folder))
         yield {"folder": folder, "model": trainer.model.eval(), "tmp": tmp}
     finally:
         mp.undo()
@@ -69,6 +79,8 @@ def test_saved_folder_has_custom_generate(hub):
     assert open(folder / "custom_generate" / "requirements.txt").read().strip().startswith("hf-align")
     source = open(folder / "custom_generate" / "generate.py").read()
     assert "self_speculative" in source and "def generate(model" in source
+    saved = json.loads(open(folder / "generation_config.json").read())
+    assert (saved["self_speculative_exit_layer"], saved["self_speculative_num_draft_tokens"]) == (2, 3)
     card = open(folder / "README.md").read()
     assert "custom_generate" in card.split("---")[1]  # the tag in the metadata
     for section in ("### Base model", "### Model compatibility", "### Additional Arguments", "### Output Type changes",
@@ -101,6 +113,11 @@ def test_hub_round_trip_decodes_self_speculatively_with_trust_remote_code(hub):
     assert calls[-1] < calls[0] and calls[-1] < 12
     assert (fast.config.to_dict(), fast.generation_config.to_dict()) == config_before
     assert all(len(m._forward_hooks) == len(m._forward_pre_hooks) == 0 for m in fast.modules())
+
+    # without stored defaults the call chooses (k, n) itself; the output is the same
+    auto = T.AutoModelForCausalLM.from_pretrained(AUTO_REPO, trust_remote_code=True).eval()
+    assert torch.equal(auto.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, eos_token_id=None),
+                       reference)
 
     # the same function on any copy of the model, by repo id
     out = plain.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, eos_token_id=None,
