@@ -126,9 +126,8 @@ def main():
                                 out = model.generate(**kwargs, custom_generate=hf_align.self_speculative,
                                                      exit_layer=k_opt, num_draft_tokens=n_opt, speculative_stats=stats)
                             elif method == "assistant_early_exit":
-                                k = stats_k = rec["speculative"]["k"][-1] if rec["speculative"]["k"] else 1
-                                out = model.generate(**kwargs, assistant_early_exit=stats_k, num_assistant_tokens=4)
-                                del k
+                                depth = rec["speculative"]["k"][-1] if rec["speculative"]["k"] else 1
+                                out = model.generate(**kwargs, assistant_early_exit=depth, num_assistant_tokens=4)
                             else:
                                 out = model.generate(**kwargs)
                             total += time.perf_counter() - start

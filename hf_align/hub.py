@@ -438,8 +438,6 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
                                   folder=output_dir, peft=peft,
                                   threshold=None if layer_view.task == "causal-lm" else 0.9)
     if layer_view.task == "causal-lm" and not peft and os.path.isdir(os.path.join(output_dir, "custom_generate")):
-        from .generation.speculative import EXIT_LAYER_KEY, NUM_DRAFT_KEY
-
         generation = getattr(model, "generation_config", None)
         lines += custom_generate_card_lines(repo if repo is not None else os.fspath(output_dir),
                                             getattr(generation, EXIT_LAYER_KEY, None),
@@ -531,6 +529,11 @@ def super_resolution_card(folder, pipe, metadata=None, repo: str | None = None, 
 # custom_generate/: aligned causal LMs that decode self-speculatively straight from the Hub
 # ----------------------------------------------------------------------------------------------------------
 
+# generation-config attributes a saved aligned LM carries: its calibrated self-speculative defaults (plain
+# generate ignores them; hf_align.self_speculative reads them)
+EXIT_LAYER_KEY = "self_speculative_exit_layer"
+NUM_DRAFT_KEY = "self_speculative_num_draft_tokens"
+
 CUSTOM_GENERATE_PY = '''"""Self-speculative decoding for this aligned causal LM, by hf-align (https://pypi.org/project/hf-align/).
 
 transformers loads this file only with ``trust_remote_code=True``: then ``model.generate(...)`` drafts with the first
@@ -564,8 +567,6 @@ def write_custom_generate(folder: str | os.PathLike, exit_layer: int | None = No
     ``self_speculative_exit_layer`` / ``self_speculative_num_draft_tokens`` (plain ``generate`` ignores them);
     None leaves the choice to the call (``"auto"``). The live model and its generation config are not touched.
     Returns the path of the ``custom_generate`` folder."""
-    from .generation.speculative import EXIT_LAYER_KEY, NUM_DRAFT_KEY
-
     target = os.path.join(os.fspath(folder), "custom_generate")
     os.makedirs(target, exist_ok=True)
     with open(os.path.join(target, "generate.py"), "w") as f:

@@ -167,6 +167,15 @@ def check_rope(hf_model: nn.Module, generation_config: GenerationConfig, who: st
         )
 
 
+def positions_from_mask(mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """generate's position ids for a left-padded prompt: ``cumsum(mask) - 1`` (0 on padding); ``arange`` without a
+    mask."""
+    if mask is None:
+        return torch.arange(input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+    mask = mask.long()
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
 def check_input_ids(input_ids: Any, who: str = DECODING) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
         got = f"{type(input_ids).__name__}" + (f" of shape {tuple(input_ids.shape)} and dtype {input_ids.dtype}"

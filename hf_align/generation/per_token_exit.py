@@ -53,7 +53,15 @@ from transformers.utils import ModelOutput
 
 from ..families import get_kv_projection, kv_projection_families, recorded_kv
 from ..layers import LayerView, preserved_state
-from .front_door import check_attention_mask, check_decoder, check_front, check_generation, check_input_ids, layer_view
+from .front_door import (
+    check_attention_mask,
+    check_decoder,
+    check_front,
+    check_generation,
+    check_input_ids,
+    layer_view,
+    positions_from_mask,
+)
 
 __all__ = ["CONFIDENCES", "EarlyExitGenerateOutput", "EarlyExitScore", "PerTokenEarlyExit", "early_exit_generate"]
 
@@ -181,10 +189,7 @@ class PerTokenEarlyExit:
         state: dict[str, Any] = {"cache": cache, "use_cache": True, "attention_mask": mask}
         if "position_ids" in inspect.signature(model.forward).parameters:
             positions = model_kwargs.get("position_ids")
-            if positions is None:
-                positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0) if mask is not None else \
-                    torch.arange(input_ids.shape[1], device=device).expand(batch, -1)
-            state["position_ids"] = positions
+            state["position_ids"] = positions if positions is not None else positions_from_mask(mask, input_ids)
         pad = config._pad_token_tensor
         has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         unfinished = torch.ones(batch, dtype=torch.long, device=device)

@@ -47,6 +47,7 @@ from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.stopping_criteria import StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..hub import EXIT_LAYER_KEY, NUM_DRAFT_KEY
 from ..layers import LayerView, preserved_state, unwrap_model
 from .auto_exit import AUTO_DRAFT_COUNTS, ExitChooser
 from .front_door import (
@@ -58,6 +59,7 @@ from .front_door import (
     check_input_ids,
     check_rope,
     layer_view,
+    positions_from_mask,
 )
 
 __all__ = [
@@ -303,8 +305,7 @@ class _Decoder:
         self.out = input_ids  # what _sample's input_ids would be: the emitted columns, pads after a row finished
         mask = attention_mask.to(torch.long) if attention_mask is not None else None
         if position_ids is None:
-            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0) if mask is not None else \
-                torch.arange(prompt, device=device).expand(batch, -1)
+            position_ids = positions_from_mask(mask, input_ids)
         self.prompt_positions = position_ids
         self.position = position_ids[:, -1].clone()  # position id of the last token in each row's buffer
         self.slot_mask = mask if mask is not None and not bool((mask == 1).all()) else None
@@ -663,9 +664,6 @@ def _same_state(a, b) -> bool:
 # The custom_generate callable
 # ----------------------------------------------------------------------------------------------------------
 
-# generation-config attributes a saved aligned LM carries (its calibrated defaults; plain generate ignores them)
-EXIT_LAYER_KEY = "self_speculative_exit_layer"
-NUM_DRAFT_KEY = "self_speculative_num_draft_tokens"
 DEFAULT_NUM_DRAFT_TOKENS = 4
 
 
@@ -786,7 +784,6 @@ def self_speculative(
         cache = DynamicCache(config=hf_model.config)
     device = next(hf_model.parameters()).device
     with torch.no_grad(), preserved_state(model):
-        hf_model.eval() if not hf_model.training else None
         start_time = time.perf_counter()
         decoder = _Decoder(view, config, logits_processor, stopping_criteria, streamer, input_ids.to(device),
                            attention_mask.to(device) if attention_mask is not None else None,
