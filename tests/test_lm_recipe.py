@@ -177,6 +177,133 @@ def test_dropped_block_passes_its_input_through(tmp_path, family, cls):
     assert (got[0] - full[0]).abs().max() > 1e-3
 
 
+def _rows_entering(blocks):
+    """Hooks on every submodule of every block: the largest number of batch rows any of them received, per forward."""
+    seen = [[] for _ in blocks]
+    handles = []
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            if module is block:
+                continue
+            handles.append(module.register_forward_pre_hook(
+                lambda m, args, kwargs, index=index: seen[index].append(
+                    next(a.shape[0] for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() >= 2)),
+                with_kwargs=True))
+    return seen, handles
+
+
+@pytest.mark.parametrize("family,cls", DECODERS)
+def test_layer_dropout_skipped_rows_never_enter_the_block(tmp_path, family, cls, monkeypatch):
+    """Batch-dimension skipping: in every training forward, the submodules of block l see exactly the rows that
+    keep block l (hook counts), and a block every row skips is not entered at all."""
+    import hf_align.trainers.aligned_trainer as trainer_module
+
+    masks = []
+    real = trainer_module.layer_dropout_mask
+    monkeypatch.setattr(trainer_module, "layer_dropout_mask",
+                        lambda *a, **k: masks.append(real(*a, **k)) or masks[-1])
+    model = tiny_model(family, cls, num_hidden_layers=4)
+    blocks = block_list(model)
+    trainer = AlignedTrainer(model=model, args=args_for(tmp_path, layer_dropout=0.6, layer_dropout_scale="uniform",
+                                                        max_steps=4, per_device_train_batch_size=6),
+                             train_dataset=lm_dataset(n=24))
+    seen, handles = _rows_entering(blocks)  # after the trainer's self-check forward
+    trainer.train()
+    for h in handles:
+        h.remove()
+    assert len(masks) == 4
+    skipped_somewhere = 0
+    for index in range(4):
+        kept = [int((~m[index]).sum()) for m in masks]
+        entered = [k for k in kept if k > 0]
+        # a forward where block l kept k rows: every call inside the block saw k rows (k = 6 when none skipped)
+        per_forward = iter(seen[index])
+        calls = len(seen[index]) // max(len(entered), 1)
+        for k in entered:
+            rows = [next(per_forward) for _ in range(calls)]
+            assert set(rows) == {k}, (index, k, rows)
+        skipped_somewhere += sum(6 - k for k in kept)
+    assert skipped_somewhere > 0
+
+
+@pytest.mark.parametrize("skip_compute", [True, False])
+@pytest.mark.parametrize("family,cls", DECODERS[:2])
+def test_skipping_equals_the_pruned_model_in_values_and_gradients(family, cls, skip_compute):
+    """Rows 0 and 2 skip block 2, row 1 keeps it: each row's logits and its loss gradients equal those of a model
+    with block 2 removed (rows 0, 2) or of the full model (row 1), computed row by row."""
+    from hf_align.trainers.curricula import skipping_blocks
+
+    model = tiny_model(family, cls).train()
+    for m in model.modules():  # no dropout: the references must see the same network
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    ids = torch.randint(1, 99, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.zeros(L, 3, dtype=torch.bool)
+    mask[1, [0, 2]] = True
+    with skipping_blocks(block_list(model), mask, skip_compute=skip_compute):
+        out = model(input_ids=ids, use_cache=False).logits
+    loss = out.float().logsumexp(-1).sum()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters()], allow_unused=True)
+    pruned = copy.deepcopy(model)
+    del block_list(pruned)[1]
+    for row, reference in [(0, pruned), (1, model), (2, pruned)]:
+        want = reference(input_ids=ids[row:row + 1], use_cache=False).logits
+        torch.testing.assert_close(out[row:row + 1], want, rtol=1e-5, atol=1e-5)
+    # gradients: the sum of the per-row references' gradients (block 2's parameters only get row 1's)
+    names = [n for n, _ in model.named_parameters()]
+    ref = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for row, reference in [(0, pruned), (1, model), (2, pruned)]:
+        reference.zero_grad()
+        reference(input_ids=ids[row:row + 1], use_cache=False).logits.float().logsumexp(-1).sum().backward()
+        own = dict(reference.named_parameters())
+        for n in names:
+            key = n
+            if reference is pruned:  # block indices above the removed one shift down by one
+                key = _pruned_name(n)
+                if key is None:
+                    continue
+            g = own[key].grad
+            if g is not None:
+                ref[n] += g
+    for n, g in zip(names, grads):
+        torch.testing.assert_close(g if g is not None else torch.zeros_like(ref[n]), ref[n], rtol=1e-4, atol=1e-6)
+    assert not any(hasattr(vars(b), "forward") or "forward" in vars(b) for b in block_list(model))  # restored
+
+
+def _pruned_name(name: str) -> str | None:
+    """The parameter of the model without block 2 (index 1) that ``name`` corresponds to (None for block 2's)."""
+    import re
+
+    match = re.search(r"\.(h|layers)\.(\d+)\.", name)
+    if match is None:
+        return name
+    index = int(match.group(2))
+    if index == 1:
+        return None
+    return name[:match.start(2)] + str(index - 1 if index > 1 else index) + name[match.end(2):]
+
+
+def test_layer_dropout_resume_is_exact(tmp_path):
+    """6 steps straight equal 3 steps + resume from checkpoint-3 (weights and logged losses): the dropout draws
+    continue where they stopped."""
+    data = lm_dataset(n=24)
+
+    def make(out):
+        args = args_for(tmp_path, output_dir=str(out), max_steps=6, logging_steps=1, save_strategy="steps",
+                        save_steps=3, layer_dropout=0.5, layer_dropout_scale="uniform")
+        return AlignedTrainer(model=tiny_model("llama", "LlamaForCausalLM"), args=args, train_dataset=data)
+
+    full = make(tmp_path / "full")
+    full.train()
+    resumed = make(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-3"))
+    for key in ("loss", "layer_1_loss"):
+        ref = [e[key] for e in full.state.log_history if key in e]
+        assert [e[key] for e in resumed.state.log_history if key in e][-3:] == ref[-3:]
+    for (n, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7, msg=n)
+
+
 def test_layer_dropout_is_seeded_training_only_and_off_by_default(tmp_path):
     data = lm_dataset(n=12)
 
@@ -259,6 +386,68 @@ def test_curriculum_loss_is_the_active_layers_loss(tmp_path):
         expected = sum(l * F.cross_entropy(per_layer[l - 1][:, :-1].reshape(-1, 99), targets, ignore_index=-100).item()
                        for l in active)  # explicit weights are used as given on the active blocks
         assert ours == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("family,cls", DECODERS[:2])
+def test_self_distillation_loss_is_ce_plus_beta_kl_to_the_fixed_last_layer(tmp_path, family, cls):
+    """layer_distillation=beta: loss = sum_{l<L} w_l [CE(p_l) + beta KL(p_L || p_l)] + w_L CE(p_L), token means,
+    computed here in float64 from output_hidden_states + the model's own norm / lm_head; the KL term sends no
+    gradient into the last block (p_L is a fixed target)."""
+    model = tiny_model(family, cls)
+    data = lm_dataset()
+    beta = 0.7
+    trainer = AlignedTrainer(model=model, args=args_for(tmp_path, layer_distillation=beta, layer_weights=[0.2, 0.3, 0.5],
+                                                        lm_loss_chunk_size=5), train_dataset=data)
+    batch = dict(data[:4])
+    ours = trainer.compute_loss(model, dict(batch))
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], output_hidden_states=True, use_cache=False)
+        norm = final_norm(model)
+        per_layer = [model.lm_head(norm(h)).double() for h in out.hidden_states[1:-1]] + [out.logits.double()]
+    targets = batch["labels"][:, 1:]
+    keep = targets != -100
+    log_last = per_layer[-1][:, :-1][keep].log_softmax(-1)
+    expected = 0.0
+    for w, lg in zip([0.2, 0.3, 0.5], per_layer):
+        log_p = lg[:, :-1][keep].log_softmax(-1)
+        ce = -log_p.gather(1, targets[keep][:, None]).mean()
+        kl = (log_last.exp() * (log_last - log_p)).sum(-1).mean() if lg is not per_layer[-1] else 0.0
+        expected += w * (ce + beta * kl)
+    assert ours.item() == pytest.approx(float(expected), rel=1e-5)
+    # the KL terms' gradient w.r.t. the last block is zero: with and without distillation it is the same
+    last_block = list(block_list(model)[-1].parameters())
+    g_kl = torch.autograd.grad(ours, last_block)
+    plain = AlignedTrainer(model=model, args=args_for(tmp_path, layer_weights=[0.2, 0.3, 0.5], lm_loss_chunk_size=5),
+                           train_dataset=data)
+    g_plain = torch.autograd.grad(plain.compute_loss(model, dict(batch)), last_block)
+    for a, b in zip(g_kl, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="layer_distillation"):
+        AlignedTrainer(model=tiny_model("bert", "BertForSequenceClassification"),
+                       args=args_for(tmp_path, layer_distillation=0.5))
+    with pytest.raises(ValueError, match="layer_distillation"):
+        AlignedTrainingArguments(output_dir=str(tmp_path), layer_distillation=-1.0)
+
+
+def test_eval_reports_teacher_forced_draft_acceptance(tmp_path):
+    """eval_layer_{l}_greedy_acceptance = share of scored tokens with argmax p_l = argmax p_L; sampling acceptance =
+    mean of sum_v min(p_l, p_L): float64 references over all eval tokens (batches of 3 of 8 unequal rows)."""
+    model = tiny_model("llama", "LlamaForCausalLM")
+    data = lm_dataset()
+    metrics = AlignedTrainer(model=model, args=args_for(tmp_path), eval_dataset=data).evaluate()
+    ids, labels = data[:]["input_ids"], data[:]["labels"]
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
+        per_layer = [model.lm_head(model.model.norm(h)).double() for h in out.hidden_states[1:-1]] + [out.logits.double()]
+    keep = labels[:, 1:] != -100
+    last = per_layer[-1][:, :-1][keep]
+    for l in range(1, L):
+        lg = per_layer[l - 1][:, :-1][keep]
+        greedy = (lg.argmax(-1) == last.argmax(-1)).double().mean().item()
+        sampling = torch.minimum(lg.softmax(-1), last.softmax(-1)).sum(-1).mean().item()
+        assert metrics[f"eval_layer_{l}_greedy_acceptance"] == pytest.approx(greedy, abs=1e-12)
+        assert metrics[f"eval_layer_{l}_sampling_acceptance"] == pytest.approx(sampling, rel=1e-6)
+    assert f"eval_layer_{L}_greedy_acceptance" not in metrics  # the last block verifies; it is not a draft
 
 
 def test_recipe_options_validate(tmp_path):

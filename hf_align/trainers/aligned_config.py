@@ -96,6 +96,12 @@ class AlignedTrainingArguments(TrainingArguments):
         metadata={"help": "Causal LM: tokens per chunk when computing each layer's loss through the shared LM "
                   "head; chunks are recomputed in backward (checkpointed) so no layer's full logits are held."},
     )
+    layer_distillation: float = field(
+        default=0.0,
+        metadata={"help": "Causal LM: self-distillation weight beta of the early exits toward the last block: each "
+                  "intermediate block's per-token loss becomes CE(p_l, y) + beta * KL(p_L || p_l), with the last "
+                  "block's distribution p_L held fixed (no gradient through it); 0 = off."},
+    )
     layer_dropout: float = field(
         default=0.0,
         metadata={"help": "LayerSkip layer dropout: the skip probability p_max of the last block (training only; "
@@ -161,5 +167,7 @@ class AlignedTrainingArguments(TrainingArguments):
             raise ValueError(f"early_exit_every must be a positive integer, got {self.early_exit_every!r}")
         if not 0.0 < self.early_exit_gradual_fraction <= 1.0:
             raise ValueError(f"early_exit_gradual_fraction must be in (0, 1], got {self.early_exit_gradual_fraction!r}")
+        if not (math.isfinite(self.layer_distillation) and self.layer_distillation >= 0):
+            raise ValueError(f"layer_distillation must be a finite number >= 0, got {self.layer_distillation!r}")
         if self.lm_loss_chunk_size < 1:
             raise ValueError(f"lm_loss_chunk_size must be >= 1, got {self.lm_loss_chunk_size}")

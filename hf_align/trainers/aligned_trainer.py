@@ -57,7 +57,10 @@ class AlignedTrainer(Trainer):
     Evaluation adds ``eval_layer_{l}_accuracy`` and ``eval_layer_{l}_loss`` for every block l = 1..L,
     ``eval_minimal_depth`` and ``eval_monotone`` (1.0 if accuracy never decreases with depth); for causal LMs
     also ``eval_layer_{l}_perplexity = exp(sum_tokens -log p_l(next token) / n_tokens)`` over the whole eval set
-    and ``eval_perplexity`` (the last block's). Options of the LM recipe (layer dropout, early-exit curricula)
+    and ``eval_perplexity`` (the last block's), and for every exit l < L the teacher-forced draft acceptance against
+    the last block over the same tokens: ``eval_layer_{l}_greedy_acceptance`` (the fraction of tokens where
+    ``argmax p_l = argmax p_L``) and ``eval_layer_{l}_sampling_acceptance`` (the mean of ``sum_v min(p_l(v), p_L(v))``,
+    the probability that a token drafted from ``p_l`` at T = 1 is accepted by speculative sampling). Options of the LM recipe (layer dropout, early-exit curricula)
     are in :class:`AlignedTrainingArguments` and :mod:`hf_align.trainers.curricula`. Training logs
     add ``layer_{l}_loss``. Saving writes a model card with the layer-wise table and plot; the saved model is
     a plain transformers model.
@@ -81,6 +84,9 @@ class AlignedTrainer(Trainer):
         num_layers = self.layer_view.num_layers
         self.layer_loss_weights = layer_weights(args.layer_weights, num_layers, args.aligned_layers)
         self.layer_dropout_probs = layer_dropout_probs(args.layer_dropout, num_layers, args.layer_dropout_scale)
+        if args.layer_distillation > 0 and self.layer_view.task != "causal-lm":
+            raise ValueError(f"layer_distillation distils a causal LM's early exits toward its last block; "
+                             f"{type(model).__name__} is a {self.layer_view.task} model")
         if args.layer_dropout > 0 and args.gradient_checkpointing:
             # the skip is applied by forward hooks, which are gone when checkpointed blocks are recomputed
             raise ValueError("layer_dropout > 0 cannot be combined with gradient_checkpointing=True; "
@@ -174,8 +180,11 @@ class AlignedTrainer(Trainer):
         if model.training and self.args.layer_dropout > 0:
             batch = next(v.shape[0] for v in model_inputs.values() if isinstance(v, torch.Tensor))
             mask = layer_dropout_mask(self.layer_dropout_probs, batch, self._dropout_generator)
-            skip = skipping_blocks(self.layer_view.blocks, mask)
-        with skip, self.layer_view.recording() as hidden:  # skipping hooks first: recording sees their output
+            # mixture of experts: the load-balancing loss needs every row's router logits in every block
+            moe = bool(model_inputs.get("output_router_logits", getattr(self.layer_view.hf_model.config,
+                                                                        "output_router_logits", False)))
+            skip = skipping_blocks(self.layer_view.blocks, mask, skip_compute=not moe)
+        with skip, self.layer_view.recording() as hidden:  # recording sees the skipping forwards' outputs
             outputs = model(**model_inputs)
         if len(hidden) != self.num_layers:
             raise RuntimeError(f"expected {self.num_layers} block outputs, recorded {len(hidden)}")
@@ -206,15 +215,23 @@ class AlignedTrainer(Trainer):
         total = F.cross_entropy(logits, labels.view(-1), ignore_index=-100, reduction="sum", label_smoothing=smoothing)
         return total / torch.as_tensor(num_items, device=total.device)
 
-    def _lm_chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _lm_chunk_loss_sum(self, hidden: torch.Tensor, targets: torch.Tensor,
+                           teacher: torch.Tensor | None = None) -> torch.Tensor:
         logits = self.layer_view.head(hidden.unsqueeze(0), HeadContext()).squeeze(0).float()  # (n, V)
-        return F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.args.label_smoothing_factor)
+        total = F.cross_entropy(logits, targets, reduction="sum", label_smoothing=self.args.label_smoothing_factor)
+        if teacher is not None:  # + beta * sum_tokens KL(p_L || p_l), the last block's distribution held fixed
+            log_p = F.log_softmax(logits, dim=-1)
+            log_t = F.log_softmax(teacher.float(), dim=-1)
+            total = total + self.args.layer_distillation * (log_t.exp() * (log_t - log_p)).sum()
+        return total
 
-    def _lm_loss(self, hidden, labels, num_items, logits=None):
+    def _lm_loss(self, hidden, labels, num_items, logits=None, teacher=None):
         """Next-token CE through the shared LM head: sum over tokens / num_items (or the token count).
 
         For intermediate layers the head runs on chunks of ``lm_loss_chunk_size`` tokens under activation
-        checkpointing, so no layer's (tokens x vocab) logits are kept for backward.
+        checkpointing, so no layer's (tokens x vocab) logits are kept for backward. With ``teacher`` (the last
+        block's logits; ``layer_distillation = beta > 0``) each token's term is
+        ``CE(p_l, y) + beta * KL(stopgrad(p_L) || p_l)``.
         """
         shifted = F.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)  # (B, T): token t predicts t+1
         keep = shifted != -100
@@ -225,14 +242,18 @@ class AlignedTrainer(Trainer):
                                     label_smoothing=self.args.label_smoothing_factor)
             return total / denominator.to(total.dtype)
         tokens, targets = hidden[keep], shifted[keep]  # (n, D), (n,)
+        # self-distillation: the last block's logits at the same tokens, detached (a target, not a path for gradients)
+        flat = keep.reshape(-1).nonzero().squeeze(1) if teacher is not None else None
         size = self.args.lm_loss_chunk_size
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, tokens.shape[0], size):
             chunk, chunk_targets = tokens[start:start + size], targets[start:start + size]
+            extra = () if teacher is None else (
+                teacher.detach().reshape(-1, teacher.shape[-1]).index_select(0, flat[start:start + size].to(teacher.device)),)
             if torch.is_grad_enabled():
-                total = total + checkpoint(self._lm_chunk_loss_sum, chunk, chunk_targets, use_reentrant=False)
+                total = total + checkpoint(self._lm_chunk_loss_sum, chunk, chunk_targets, *extra, use_reentrant=False)
             else:
-                total = total + self._lm_chunk_loss_sum(chunk, chunk_targets)
+                total = total + self._lm_chunk_loss_sum(chunk, chunk_targets, *extra)
         return total / denominator
 
     def current_layer_weights(self, step: int | None = None) -> list[float]:
@@ -273,7 +294,8 @@ class AlignedTrainer(Trainer):
                 continue
             last = layer == self.num_layers
             if self.layer_view.task == "causal-lm":
-                losses.append(self._lm_loss(h, labels, num_items, logits=logits if last else None))
+                teacher = logits if (not last and self.args.layer_distillation > 0) else None
+                losses.append(self._lm_loss(h, labels, num_items, logits=logits if last else None, teacher=teacher))
             else:
                 layer_logits = logits if last else self.layer_view.head(h, context, layer=layer)
                 losses.append(self._classification_loss(layer_logits, labels, num_items))
@@ -333,24 +355,35 @@ class AlignedTrainer(Trainer):
             flat = keep.reshape(-1).nonzero().squeeze(1)  # positions of the scored tokens in (B*T)
             sample, targets = flat // keep.shape[1], shifted.reshape(-1)[flat]
             size = self.args.lm_loss_chunk_size
-            corrects, losses = [], []
+            corrects, losses, agreements, acceptances = [], [], [], []
             for layer, h in enumerate(hidden, start=1):
                 correct = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
                 loss = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
+                agree, accept = torch.zeros_like(loss), torch.zeros_like(loss)
                 for start in range(0, flat.shape[0], size):
                     part = flat[start:start + size]
+                    last = logits.reshape(-1, logits.shape[-1]).index_select(0, part)
                     if layer == self.num_layers:
-                        lg = logits.reshape(-1, logits.shape[-1]).index_select(0, part)
+                        lg = last
                     else:
                         rows_h = h.reshape(-1, h.shape[-1]).index_select(0, part.to(h.device))
                         lg = self.layer_view.head(rows_h.unsqueeze(0), HeadContext()).squeeze(0)
                     t = targets[start:start + size].to(lg.device)
+                    rows_of = sample[start:start + size]
                     ce = F.cross_entropy(lg.float(), t, reduction="none").double()
-                    loss.index_add_(0, sample[start:start + size], ce.to(loss.device))
-                    correct.index_add_(0, sample[start:start + size], (lg.argmax(-1) == t).double().to(loss.device))
+                    loss.index_add_(0, rows_of, ce.to(loss.device))
+                    correct.index_add_(0, rows_of, (lg.argmax(-1) == t).double().to(loss.device))
+                    # draft acceptance of this exit against the last block: greedy, argmax_l = argmax_L; sampling at
+                    # T = 1, sum_v min(p_l(v), p_L(v)) (the chance that one drafted token is accepted)
+                    last = last.to(lg.device)
+                    agree.index_add_(0, rows_of, (lg.argmax(-1) == last.argmax(-1)).double().to(loss.device))
+                    overlap = torch.minimum(lg.double().softmax(-1), last.double().softmax(-1)).sum(-1)
+                    accept.index_add_(0, rows_of, overlap.to(loss.device))
                 corrects.append(correct)
                 losses.append(loss)
-            rows = corrects + losses + [count]
+                agreements.append(agree)
+                acceptances.append(accept)
+            rows = corrects + losses + [count] + agreements + acceptances
         else:
             single = self._problem_type(labels) == "single_label_classification"
             # the one label rule: a sample labelled -100 has no target and is not scored (nor counted)
@@ -415,6 +448,10 @@ class AlignedTrainer(Trainer):
                     metrics[f"{prefix}_layer_{layer}_perplexity"] = math.exp(loss)
         if self.layer_view.task == "causal-lm" and f"{prefix}_layer_{L}_perplexity" in metrics:
             metrics[f"{prefix}_perplexity"] = metrics[f"{prefix}_layer_{L}_perplexity"]
+        if stats.shape[1] >= 4 * L + 1:  # causal LMs: teacher-forced draft acceptance of every exit
+            for layer in range(1, L):
+                metrics[f"{prefix}_layer_{layer}_greedy_acceptance"] = totals[2 * L + layer].item() / count
+                metrics[f"{prefix}_layer_{layer}_sampling_acceptance"] = totals[3 * L + layer].item() / count
         if len(accuracies) == L:
             metrics[f"{prefix}_minimal_depth"] = float(minimal_depth(accuracies, self.args.minimal_depth_tolerance))
             metrics[f"{prefix}_monotone"] = float(is_monotone(accuracies))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -62,36 +63,101 @@ def layer_dropout_mask(probs: Sequence[float], batch_size: int, generator: torch
     return u < torch.tensor(list(probs), dtype=torch.float64)[:, None]
 
 
+def _rows(value, keep: torch.Tensor, batch: int):
+    """``value`` restricted to the batch rows ``keep``: tensors of 2+ dims whose first dim is the batch are
+    indexed, tuples / lists recursively; everything else (1-D ``cache_position``, broadcast (1, ...) masks and
+    rotary tables, flags) is passed as it is. Raises ``TypeError`` for objects that may hold batch rows but
+    cannot be sliced here (caches, flex-attention block masks)."""
+    if isinstance(value, torch.Tensor):
+        return value.index_select(0, keep.to(value.device)) if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, keep, batch) for v in value)
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device)):
+        return value
+    raise TypeError(f"cannot select batch rows of a {type(value).__name__} block argument")
+
+
 @contextlib.contextmanager
-def skipping_blocks(blocks: Sequence[torch.nn.Module], mask: torch.Tensor) -> Iterator[None]:
+def skipping_blocks(blocks: Sequence[torch.nn.Module], mask: torch.Tensor, skip_compute: bool = True) -> Iterator[None]:
     """While active, block l passes its input hidden state through, unchanged, for the samples ``mask[l-1]``.
 
-    Implemented with forward hooks on the blocks (removed on exit): the block runs on the whole batch and its
-    output rows of skipped samples are replaced by its input rows (``torch.where``), so a skipped sample's
-    hidden state and gradient bypass the block exactly, while the others are untouched. (The compute of a
-    skipped row is not saved; see docs/aligned_training.md.)
+    With ``skip_compute`` (the default) this is batch-dimension skipping, as LayerSkip's and torchtune's
+    ``LayerDropout``: each block's ``forward`` is wrapped (restored on exit) so that it runs only on the rows it
+    keeps, ``h_out = h_in`` then ``h_out[kept] = block(h_in[kept], args[kept])``, where every block argument with
+    the batch as its first dimension (the 4-D attention mask, per-row position ids / rotary tables) is cut to the
+    same rows. A skipped row never enters the block, so its compute is saved; its hidden state and gradient
+    bypass the block exactly. Where a block argument cannot be cut by rows (a KV cache, a flex-attention block
+    mask) or with ``skip_compute=False`` (mixture-of-experts models, whose load-balancing loss needs every
+    row's router logits), the block runs on the whole batch and the skipped rows' outputs are replaced by their
+    inputs (``torch.where``): the same values, no compute saved.
     """
-    handles = []
+    saved = []
 
-    def hook(index):
-        def replace(module, args, kwargs, out):
-            if not bool(mask[index].any()):
-                return None
+    def wrap(index: int, forward):
+        def forward_on_kept_rows(*args, **kwargs):
+            skip = mask[index]
+            if not bool(skip.any()):
+                return forward(*args, **kwargs)
             hidden_in = args[0] if args else kwargs["hidden_states"]
+            batch = hidden_in.shape[0]
+            keep = (~skip).nonzero().squeeze(1)
+            if skip_compute and keep.numel() > 0:
+                try:
+                    cut_args, cut_kwargs = _rows(tuple(args), keep, batch), _rows(list(kwargs.values()), keep, batch)
+                except TypeError:
+                    cut_args = None
+                if cut_args is not None:
+                    out = forward(*cut_args, **dict(zip(kwargs, cut_kwargs)))
+                    _RETURNS_TENSOR[blocks[index]] = isinstance(out, torch.Tensor)
+                    kept_out = out if isinstance(out, torch.Tensor) else out[0]
+                    new = hidden_in.to(kept_out.dtype).index_copy(0, keep.to(kept_out.device), kept_out)
+                    return new if isinstance(out, torch.Tensor) else (new, *out[1:])
+            kind = _RETURNS_TENSOR.get(blocks[index])
+            if skip_compute and keep.numel() == 0 and kind is not None:  # every row skips: the block is not run
+                return hidden_in if kind else (hidden_in,)
+            out = forward(*args, **kwargs)
+            _RETURNS_TENSOR[blocks[index]] = isinstance(out, torch.Tensor)
             hidden_out = out if isinstance(out, torch.Tensor) else out[0]
-            skip = mask[index].to(hidden_out.device).view(-1, *([1] * (hidden_out.dim() - 1)))
-            new = torch.where(skip, hidden_in.to(hidden_out.dtype), hidden_out)
+            where = skip.to(hidden_out.device).view(-1, *([1] * (hidden_out.dim() - 1)))
+            new = torch.where(where, hidden_in.to(hidden_out.dtype), hidden_out)
             return new if isinstance(out, torch.Tensor) else (new, *out[1:])
 
-        return replace
+        return forward_on_kept_rows
 
     try:
         for index, block in enumerate(blocks):
-            handles.append(block.register_forward_hook(hook(index), with_kwargs=True))
+            if block not in _RETURNS_TENSOR and (kind := _annotated_kind(block)) is not None:
+                _RETURNS_TENSOR[block] = kind
+            had_own = "forward" in vars(block)
+            saved.append((block, had_own, vars(block).get("forward")))
+            block.forward = wrap(index, block.forward)
         yield
     finally:
-        for handle in handles:
-            handle.remove()
+        for block, had_own, own in saved:
+            if had_own:
+                block.forward = own
+            else:
+                del block.forward
+
+
+# per block: whether its forward returns the hidden state as a tensor (transformers 5 decoder layers) or as a tuple
+# (older blocks); read from the return annotation, else learnt from the block's first call
+_RETURNS_TENSOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _annotated_kind(block: torch.nn.Module) -> bool | None:
+    import inspect
+
+    try:
+        annotation = inspect.signature(type(block).forward).return_annotation
+    except (TypeError, ValueError):
+        return None
+    if annotation is inspect.Signature.empty:
+        return None
+    if annotation is torch.Tensor or annotation in ("torch.Tensor", "Tensor", "torch.FloatTensor"):
+        return True
+    text = str(annotation).lower()
+    return False if text.startswith(("tuple", "typing.tuple")) else None
 
 
 def rotational_layers(initial: Sequence[bool], step: int) -> list[bool]:
