@@ -381,8 +381,104 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
     return lines + [""]
 
 
+def latest_lm_metrics(log_history: list[dict], prefix: str = "eval") -> dict[str, float]:
+    """The most recent log entry with layer-wise perplexities (``{prefix}_layer_{l}_perplexity``)."""
+    for entry in reversed(log_history or []):
+        if f"{prefix}_layer_1_perplexity" in entry:
+            return entry
+    return {}
+
+
+_PERPLEXITY_PLOT = "hf-align plot_layer_perplexity"
+
+
+def plot_layer_perplexity(curves: dict[str, list[float]], path: str | os.PathLike,
+                          title: str = "Perplexity through the shared LM head"):
+    """Line plot of held-out perplexity after every block (log scale; one curve per model/recipe); saves a PNG."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.2), dpi=120)
+    ax = fig.subplots()
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("block l (final norm + LM head after it)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, metadata={"Software": _PLOT_SOFTWARE})
+    return os.fspath(path)
+
+
+def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, speculative: dict | None) -> list[str]:
+    """The aligned-LM sections: per-layer perplexity / acceptance table and plot, and the recommended (k, n)."""
+    metrics = latest_lm_metrics(log_history)
+    lines = ["Trained with [hf-align](https://pypi.org/project/hf-align/)'s `AlignedTrainer`: the model's own final "
+             "norm and LM head are applied after every block l and trained with `L = sum_l w_l * CE(head(h_l), y)`, "
+             "so every block predicts the next token through the one shared head. Its first blocks then draft for "
+             "its full depth in self-speculative decoding (greedy output equal to plain `generate`, sampling in "
+             "distribution). The saved model is a plain transformers causal LM.", ""]
+    if metrics:
+        lines += ["## Perplexity and draft acceptance after every block (evaluation set)", "",
+                  "Perplexity: exp of the mean next-token NLL through the shared head after block l. Acceptance "
+                  "(teacher forced, against the last block): greedy = share of tokens where the exit's argmax is the "
+                  "last block's; sampling = mean of `sum_v min(p_l(v), p_L(v))`.", "",
+                  "| block | perplexity | greedy acceptance | sampling acceptance |", "| ---: | ---: | ---: | ---: |"]
+        values = []
+        for layer in range(1, num_layers + 1):
+            ppl = metrics.get(f"eval_layer_{layer}_perplexity")
+            values.append(ppl)
+            greedy = metrics.get(f"eval_layer_{layer}_greedy_acceptance")
+            sampling = metrics.get(f"eval_layer_{layer}_sampling_acceptance")
+            cell = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+            lines.append(f"| {layer} | {'' if ppl is None else f'{ppl:.2f}'} | "
+                         f"{cell(greedy) if layer < num_layers else '(verifies)'} | "
+                         f"{cell(sampling) if layer < num_layers else '(verifies)'} |")
+        if all(v is not None for v in values):
+            os.makedirs(output_dir, exist_ok=True)
+            plot = next((name for name in ("layer_perplexity.png", "layer_perplexity_hf_align.png")
+                         if _ours_or_absent(os.path.join(output_dir, name))), None)
+            if plot is not None:
+                plot_layer_perplexity({"aligned": values}, os.path.join(output_dir, plot))
+                lines += ["", f"![perplexity after every block]({plot})"]
+        lines.append("")
+    else:
+        lines += ["No evaluation with layer-wise metrics has been run yet (`trainer.evaluate()` adds it).", ""]
+    lines += ["## Recommended self-speculative setting", ""]
+    if speculative:
+        k, n = int(speculative["exit_layer"]), int(speculative["num_draft_tokens"])
+        speedup, acceptance = speculative.get("speedup"), speculative.get("acceptance")
+        lines += [f"Exit layer **{k}** of {num_layers}, **{n}** draft tokens per round: measured "
+                  + (f"**{speedup:.2f}x** plain `generate`" if speedup is not None else "speed-up not measured")
+                  + (f", draft acceptance {100 * acceptance:.1f}%" if acceptance is not None else "")
+                  + (f" ({speculative['measured_on']})" if speculative.get("measured_on") else "") + "."]
+        if speedup is not None and speedup < 1:
+            lines += ["", "On the hardware it was measured on, no setting beat plain decoding: use plain `generate` "
+                      "there (`exit_layer=\"auto\"` falls back to it by itself)."]
+    else:
+        k, n = None, None
+        lines += ["Not measured yet: `hf-align evaluate` (or `hf_align.speculative_profile`) measures the speed-up "
+                  "of every (exit layer, draft count) on your hardware; until then `exit_layer=\"auto\"` chooses in "
+                  "each call."]
+    lines += ["", "## Use", "", "```python", "import hf_align",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f"model = AutoModelForCausalLM.from_pretrained({_q(repo)})",
+              f"tokenizer = AutoTokenizer.from_pretrained({_q(repo)})",
+              "inputs = tokenizer(\"The layers of a transformer\", return_tensors=\"pt\")",
+              "plain = model.generate(**inputs, max_new_tokens=10, do_sample=False)",
+              "fast = model.generate(**inputs, max_new_tokens=10, do_sample=False, custom_generate=hf_align.self_speculative,",
+              f"                      exit_layer={k if k is not None else _q('auto')}, "
+              f"num_draft_tokens={n if n is not None else _q('auto')})",
+              "assert fast.tolist() == plain.tolist()  # greedy: the same tokens, drafted by the first blocks",
+              "print(tokenizer.decode(fast[0]))", "```", ""]
+    return lines
+
+
 def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict, extra_tags=None, metadata=None,
-                       repo: str | None = None, peft_base: str | None = None, force: bool = False):
+                       repo: str | None = None, peft_base: str | None = None, force: bool = False,
+                       speculative: dict | None = None):
     """Write README.md (a ``huggingface_hub.ModelCard``) with the layer-wise results, plot, recipe, usage and tags.
 
     ``metadata``: the user's card metadata (see :func:`user_metadata`), kept on later saves; ``repo``: the Hub id
@@ -404,6 +500,19 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
     if peft:
         defaults["tags"] = tags + ["peft"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
     data = card_data(defaults, user, folder=output_dir)
+    target = repo if repo is not None else os.fspath(output_dir)
+    if layer_view.task == "causal-lm" and not peft:
+        lines = _lm_card_lines(output_dir, model, num_layers, log_history, target, speculative)
+        lines += ["## Recipe", "", "| setting | value |", "| --- | --- |"]
+        lines += [f"| {k} | `{v}` |" for k, v in recipe.items()]
+        lines.append("")
+        if os.path.isdir(os.path.join(output_dir, "custom_generate")):
+            generation = getattr(model, "generation_config", None)
+            k = (speculative or {}).get("exit_layer", getattr(generation, EXIT_LAYER_KEY, None))
+            n = (speculative or {}).get("num_draft_tokens", getattr(generation, NUM_DRAFT_KEY, None))
+            lines += custom_generate_card_lines(target, k, n)
+            data.tags = list(dict.fromkeys([*(data.tags or []), "custom_generate", "self-speculative-decoding"]))
+        return write_card(output_dir, data, f"{type(model).__name__} trained with aligned loss", lines, force=force)
     lines = [
         "Trained with [hf-align](https://pypi.org/project/hf-align/)'s `AlignedTrainer`: the model's own head "
         "(final norm, pooling, classifier) is applied after every block l and trained with "

@@ -104,6 +104,10 @@ class AlignedTrainer(Trainer):
         # layer dropout draws: seeded by the trainer's seed (and the process, so ranks draw independently)
         self._dropout_generator = torch.Generator().manual_seed(args.seed * 1_000_003 + args.process_index)
         self._eval_stats: list[torch.Tensor] | None = None
+        # causal LMs: the measured best (exit_layer, num_draft_tokens) of self-speculative decoding (a dict with
+        # "exit_layer", "num_draft_tokens", "speedup", "acceptance"), set by profile_speculative() or by hand; the
+        # card reports it and save_model writes it into the generation config as the custom_generate default
+        self.speculative_recommendation: dict | None = None
 
     # -- checks ----------------------------------------------------------------------------------------
 
@@ -470,8 +474,12 @@ class AlignedTrainer(Trainer):
         if self.layer_view.task == "causal-lm" and self._peft_base() is None and self.args.should_save:
             from ..hub import write_custom_generate
 
-            # transformers' custom_generate/: the saved LM decodes self-speculatively with trust_remote_code=True
-            write_custom_generate(output_dir)
+            # transformers' custom_generate/: the saved LM decodes self-speculatively with trust_remote_code=True,
+            # by default with the measured recommendation (profile_speculative), if there is one that beats plain
+            best = self.speculative_recommendation or {}
+            faster = best and not best.get("plain_is_faster") and (best.get("speedup") or 0) > 1
+            write_custom_generate(output_dir, best.get("exit_layer") if faster else None,
+                                  best.get("num_draft_tokens") if faster else None)
         if self.args.should_save:
             # the arguments as JSON, like DREAMTrainer: no pickle in the folder (or on the Hub)
             args_bin = os.path.join(output_dir, "training_args.bin")
@@ -551,6 +559,7 @@ class AlignedTrainer(Trainer):
             repo=repo,
             peft_base=self._peft_base(),
             force=force,
+            speculative=self.speculative_recommendation,
         )
 
     def _recipe(self) -> dict[str, Any]:
