@@ -153,7 +153,8 @@ class EvaluateArguments:
                                                      "this (absolute) tolerance of full depth on the evaluated split."})
     batch_size: int = field(default=64, metadata={"help": "Batch size of the forward passes."})
     cost_repeats: int = field(default=5, metadata={"help": "Timing repeats of the cost-per-exit-depth table (one batch "
-                                                   "of the data; median reported); 0 skips the table."})
+                                                   "of the data; causal LMs: one decoding step; median reported); 0 "
+                                                   "skips the table."})
 
 
 @dataclass
