@@ -332,7 +332,7 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
                           percent=True)
         sections.append(
             "## Acceptance of each exit layer (teacher forced on these blocks)\n\n"
-            "greedy: fraction of positions where the exit's argmax equals the last block's; sampling (T=1): mean over "
+            "greedy: fraction of the scored positions (those with a next token) where the exit's argmax equals the last block's; sampling (T=1): mean over "
             "positions of sum_v min(p_l(v), p_L(v)).\n\n![acceptance](acceptance.png)\n\n"
             "| exit layer | greedy | sampling (T=1) |\n| ---: | ---: | ---: |\n"
             + "\n".join(f"| {l} | {100 * g:.1f}% | {100 * s:.1f}% |" for l, g, s in zip(exits, greedy, sampling)))

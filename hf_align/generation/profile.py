@@ -255,7 +255,8 @@ def speculative_profile(
 def exit_acceptance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
     """Teacher-forced acceptance of every exit layer l = 1..L against the last layer L, on given token blocks.
 
-    For every attended position t of every row (the prediction of token t+1 from x_<=t)::
+    For every scored position t of every row (attended, with an attended next token: the prediction of token t+1
+    from x_<=t; the tokens the perplexity is measured on)::
 
         greedy_l   = mean_t [argmax_v p_l(v) == argmax_v p_L(v)]
         sampling_l = mean_t sum_v min(p_l(v), p_L(v))        (T = 1: the speculative-sampling acceptance)
@@ -271,8 +272,9 @@ def exit_acceptance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
     with torch.no_grad():
         for batch in batches:
             inputs = {k: v.to(view.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-            logits = view.layer_logits(**inputs)  # L x (B, T, V)
+            attended = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
+            mask = attended[:, :-1] & attended[:, 1:]  # (B, T-1): positions that predict an attended next token
+            logits = [lg[:, :-1] for lg in view.layer_logits(**inputs)]  # L x (B, T-1, V)
             last = logits[-1].double()
             top_L = last.argmax(-1)[mask]
             p_L = last.softmax(-1)[mask]
@@ -282,5 +284,5 @@ def exit_acceptance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
                 overlap[layer] += torch.minimum(lg.softmax(-1)[mask], p_L).sum().item()
             count += int(mask.sum())
     if count == 0:
-        raise ValueError("exit_acceptance: the batches hold no attended position")
+        raise ValueError("exit_acceptance: the batches hold no scored position (two attended tokens in a row)")
     return {"greedy": (agree / count).tolist(), "sampling": (overlap / count).tolist()}
