@@ -41,6 +41,8 @@ _LAZY = {
     # decoders: per-token early exit (CALM) and the cost of each exit depth
     **{name: ".generation" for name in ("ExitCostTable", "PerTokenEarlyExit", "early_exit_generate", "exit_costs",
                                         "per_token_exit", "plot_exit_costs")},
+    # the measured speed-up of self-speculative decoding per (exit layer, draft count)
+    **{name: ".generation" for name in ("SpeculativeProfile", "speculative_profile")},
 }
 _SUBPACKAGES = ("analysis", "cli", "data", "diffusion", "families", "generation", "hub", "layers", "metrics",
                 "modeling", "pipelines", "trainers")

@@ -3,6 +3,8 @@
 * :mod:`.commands`: the commands and the parser (``train``, ``analyze``, ``evaluate``, ``demo``, ``layers``);
 * :mod:`.loading`: what the commands load (model folder / Hub id, processor, labelled dataset) and their
   ``HfArgumentParser`` data / model arguments;
+* :mod:`.lm`: ``train`` / ``evaluate`` for causal LMs (documents packed into blocks, the LM head kept, per-block
+  perplexity, per-exit acceptance, the measured self-speculative speed-up);
 * :mod:`.demo`: the main job on embedded data.
 
 ``hf-align --version`` answers without importing the commands (or torch).

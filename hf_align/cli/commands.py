@@ -1,9 +1,12 @@
 """The ``hf-align`` command, in the style of TRL's ``trl sft``: every option comes from a dataclass parsed by
 ``transformers.HfArgumentParser``, so every ``TrainingArguments`` / ``AlignedTrainingArguments`` field works.
 
-    hf-align train      aligned fine-tuning (loss sum_l w_l * CE(head(h_l), y)) of a model folder / Hub id on a dataset
+    hf-align train      aligned fine-tuning (loss sum_l w_l * CE(head(h_l), y)) of a model folder / Hub id on a dataset;
+                        a causal LM keeps its LM head and trains on packed text blocks (--block_size), then the
+                        self-speculative speed-up per (exit layer, draft count) is measured
     hf-align analyze    layer similarity heatmaps (cosine + linear CKA) and per-layer neural collapse -> report folder
-    hf-align evaluate   layer-wise accuracy through the shared head and the early-exit curve -> report folder
+    hf-align evaluate   layer-wise accuracy through the shared head and the early-exit curve -> report folder; for a
+                        causal LM per-block perplexity, per-exit acceptance, measured speed-up and cost per exit depth
     hf-align demo       the main job on embedded data (scikit-learn's digits)
     hf-align layers     the layer view of a model folder / Hub id, or of a tiny random model of a family
     hf-align --version
@@ -29,7 +32,9 @@ from .arguments import (
     EvaluateArguments,
     LayersArguments,
     ModelArguments,
+    SpeculativeProfileArguments,
 )
+from .lm import evaluate_lm, is_lm_task, train_lm
 from .loading import (
     CLIError,
     LabelSpace,
@@ -57,7 +62,8 @@ from .reports import collapse_markdown, layer_accuracy_markdown, matrix_markdown
 
 def _check_model(model_args: ModelArguments, data_args: DataArguments, need_classifier: bool, command: str):
     """``(config, modality)`` of ``--model_name_or_path`` (no weights read), or None for a fresh embedded model;
-    runs before any data is read, so a wrong model folder is reported first."""
+    runs before any data is read, so a wrong model folder is reported first. A causal LM (``is_lm_task``) passes
+    ``need_classifier``."""
     if model_args.model_name_or_path is None:
         if data_args.dataset_name not in EMBEDDED:
             raise CLIError(f"--model_name_or_path is required (a model folder or Hub id) unless --dataset_name is one of {list(EMBEDDED)}")
@@ -65,7 +71,7 @@ def _check_model(model_args: ModelArguments, data_args: DataArguments, need_clas
             raise CLIError(f"--model_name_or_path is required: {command} needs a trained model (e.g. the output_dir of hf-align train)")
         return None
     config, modality = load_model_config(model_args)
-    if need_classifier and not is_classifier(config, modality):
+    if need_classifier and not is_classifier(config, modality) and not is_lm_task(model_args, data_args, (config, modality)):
         raise CLIError(f"{command} needs a trained classifier; {model_args.model_name_or_path!r} is a "
                        f"{(config.architectures or ['base model'])[0]} (train one with hf-align train)")
     return config, modality
@@ -106,8 +112,10 @@ def _prepare(model_args: ModelArguments, data_args: DataArguments, checked, spli
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: AlignedTrainingCLIArguments) -> int:
-    """Aligned fine-tuning: ``AlignedTrainer`` on the train split, layer-wise evaluation, model + card saved."""
+def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: AlignedTrainingCLIArguments,
+              profile_args: SpeculativeProfileArguments | None = None) -> int:
+    """Aligned fine-tuning: ``AlignedTrainer`` on the train split, layer-wise evaluation, model + card saved
+    (causal LMs: :func:`.lm.train_lm`)."""
     from transformers import set_seed
 
     from ..trainers import AlignedTrainer
@@ -120,6 +128,8 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
         raise CLIError(f"--resume_from_checkpoint {resume!r} is not a checkpoint folder (or pass True for the last one "
                        f"in --output_dir)")
     checked = _check_model(model_args, data_args, need_classifier=False, command="train")
+    if is_lm_task(model_args, data_args, checked):
+        return train_lm(model_args, data_args, args, profile_args or SpeculativeProfileArguments(), checked, resume)
     data = load_raw_dataset(data_args)
     train_raw, eval_raw, note = train_eval_splits(data, data_args, seed=args.seed)
     print(f"data: {len(train_raw)} training / {len(eval_raw)} evaluation examples ({note})")
@@ -202,14 +212,18 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
     return 0
 
 
-def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: EvaluateArguments) -> int:
+def cmd_evaluate(model_args: ModelArguments, data_args: DataArguments, args: EvaluateArguments,
+                 profile_args: SpeculativeProfileArguments | None = None) -> int:
     """Accuracy of every block through the model's own head, and the early-exit curve (accuracy vs mean exit
-    block over the policy's settings, exits simulated with EarlyExitModel's own rule)."""
+    block over the policy's settings, exits simulated with EarlyExitModel's own rule); causal LMs:
+    :func:`.lm.evaluate_lm`."""
     from ..hub import plot_layer_accuracy
     from ..modeling import EarlyExitModel, exit_curve
     from ..modeling.calibration import collect_layer_logits
 
     checked = _check_model(model_args, data_args, need_classifier=True, command="evaluate")
+    if is_lm_task(model_args, data_args, checked):
+        return evaluate_lm(model_args, data_args, args, profile_args or SpeculativeProfileArguments(), checked)
     data = load_raw_dataset(data_args)
     raw = evaluation_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
     model, processor, modality, space, (encoded,) = _prepare(model_args, data_args, checked, [raw], 0)
@@ -331,12 +345,14 @@ class _CommandParser(HfArgumentParser):
 
 
 COMMANDS = {
-    "train": ("aligned fine-tuning of a model folder / Hub id on a dataset (every TrainingArguments option works)",
-              (ModelArguments, DataArguments, AlignedTrainingCLIArguments), cmd_train),
+    "train": ("aligned fine-tuning of a model folder / Hub id on a dataset (every TrainingArguments option works); "
+              "causal LMs keep their LM head and train on packed text blocks",
+              (ModelArguments, DataArguments, AlignedTrainingCLIArguments, SpeculativeProfileArguments), cmd_train),
     "analyze": ("layer similarity heatmaps (cosine + CKA) and per-layer neural collapse, written to a report folder",
                 (ModelArguments, DataArguments, AnalyzeArguments), cmd_analyze),
-    "evaluate": ("layer-wise accuracy and the early-exit curve, written to a report folder",
-                 (ModelArguments, DataArguments, EvaluateArguments), cmd_evaluate),
+    "evaluate": ("layer-wise accuracy and the early-exit curve (causal LMs: per-block perplexity, per-exit acceptance, "
+                 "the measured self-speculative speed-up and the cost per exit depth), written to a report folder",
+                 (ModelArguments, DataArguments, EvaluateArguments, SpeculativeProfileArguments), cmd_evaluate),
     "demo": ("the main job on embedded data (scikit-learn's digits): train, analyze, calibrated early exit",
              (DemoArguments,), cmd_demo),
     "layers": ("print the layer view of a model folder / Hub id or of a tiny random model of a family",

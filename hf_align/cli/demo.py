@@ -53,6 +53,26 @@ def scipy_docs_encoder(texts, num_labels: int, num_layers: int = 4, hidden_size:
     return BertForSequenceClassification(config), tokenizer
 
 
+def python_docs_llama(texts, block_size: int = 128, num_layers: int = 4, hidden_size: int = 64, vocab_size: int = 2048,
+                      seed: int = 0):
+    """A small Llama for causal-LM training on :func:`hf_align.data.load_python_docs_texts`, built from a config
+    (random init), and a byte-level BPE tokenizer trained on ``texts`` (no download): ``(model, tokenizer)``.
+    Positions: ``max(256, block_size)`` (rotary; blocks of ``block_size`` plus room to generate after them)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ..data import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=vocab_size, model_max_length=block_size)
+    eos = tokenizer.eos_token_id
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, intermediate_size=int(8 * hidden_size / 3), max_position_embeddings=max(256, block_size),
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config), tokenizer
+
+
 def digits_image_processor():
     """The processor matching :func:`hf_align.data.load_digits_dataset`: 8x8 grey images scaled to [-1, 1]."""
     try:  # the PIL backend by name: ``ViTImageProcessor`` is the torchvision one and warns when falling back to PIL

@@ -2,7 +2,8 @@
 
 Datasets come from ``datasets.load_dataset``: a Hub id, a local folder (csv/json/parquet files or an image
 folder) or a local file (``.csv``, ``.json``/``.jsonl``, ``.parquet``), or one of the embedded datasets that
-ship with a dependency (``embedded:digits``, ``embedded:scipy-docs``). Every bad input is a
+ship with a dependency (``embedded:digits``, ``embedded:scipy-docs``, and ``embedded:python-docs`` for causal
+LMs). Causal-LM text (``.txt`` files, packing into blocks) is read by :mod:`.lm`. Every bad input is a
 :class:`CLIError` with one line that says what was expected and what came, raised before any training.
 """
 
@@ -33,7 +34,8 @@ def embedded_dataset(name: str, seed: int = 0):
 
     ``embedded:digits``: scikit-learn's 1,797 8x8 handwritten digits as greyscale PIL images;
     ``embedded:scipy-docs``: prose paragraphs of SciPy's documentation labelled by subpackage
-    (see :mod:`hf_align.data`).
+    (see :mod:`hf_align.data`); ``embedded:python-docs``: the topics of CPython's ``pydoc_data`` as a ``text``
+    column (no labels; for causal LMs, :func:`hf_align.data.load_python_docs_texts`'s split by topic).
     """
     from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
@@ -56,6 +58,11 @@ def embedded_dataset(name: str, seed: int = 0):
 
         data = load_scipy_docs_dataset(seed=seed)
         return DatasetDict({split: ds.remove_columns("object").rename_column("labels", "label") for split, ds in data.items()})
+    if name == "embedded:python-docs":
+        from ..data import load_python_docs_texts
+
+        texts = load_python_docs_texts(seed=seed)
+        return DatasetDict({split: Dataset.from_dict({"text": docs}) for split, docs in texts.items()})
     raise CLIError(f"unknown embedded dataset {name!r}; expected one of {list(EMBEDDED)}")
 
 
@@ -239,7 +246,12 @@ TASK_AUTO = {"sequence-classification": "AutoModelForSequenceClassification",
 
 def load_model_config(model_args: ModelArguments):
     """``(config, modality)`` after checking the folder exists and the family is supported (no weights read)."""
-    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+        AutoModelForSequenceClassification,
+    )
 
     from ..families import get_family
 
@@ -259,6 +271,8 @@ def load_model_config(model_args: ModelArguments):
         modality = "text"
     elif type(config) in AutoModelForImageClassification._model_mapping:
         modality = "image"
+    elif type(config) in AutoModelForCausalLM._model_mapping:
+        modality = "text"
     else:
         raise CLIError(f"{path!r} ({model_type}) has neither a sequence- nor an image-classification model class")
     return config, modality
@@ -270,6 +284,16 @@ def supported_text() -> str:
 
     return "; ".join(f"{name} ({', '.join(f['model_types'])}: {', '.join(f['tasks'])})"
                      for name, f in supported_families().items())
+
+
+def is_causal_lm(config) -> bool:
+    """Whether the checkpoint's ``config.architectures`` names a causal-LM class: ``*ForCausalLM``, or one of
+    transformers' causal-LM classes (``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: GPT-2's is ``GPT2LMHeadModel``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    arch = (getattr(config, "architectures", None) or [""])[0]
+    names = {n for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for n in ((v,) if isinstance(v, str) else v)}
+    return bool(arch) and (arch.endswith("ForCausalLM") or arch in names)
 
 
 def is_classifier(config, modality: str) -> bool:
