@@ -283,10 +283,8 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
     per (k, n) and the cost per exit depth -> report.md, report.json, PNGs in ``--output_dir``."""
     import tempfile
 
-    from torch.utils.data import DataLoader
     from transformers import default_data_collator
 
-    from ..generation.profile import exit_acceptance
     from ..trainers import AlignedTrainer
     from .reports import plot_layer_curves, write_report
 
@@ -307,16 +305,10 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
     L = int(model.config.num_hidden_layers)
     perplexity = [metrics[f"eval_layer_{l}_perplexity"] for l in range(1, L + 1)]
     exits = list(range(1, L))
-    if all(f"eval_layer_{l}_greedy_acceptance" in metrics and f"eval_layer_{l}_sampling_acceptance" in metrics
-           for l in exits):
-        greedy = [metrics[f"eval_layer_{l}_greedy_acceptance"] for l in exits]
-        sampling = [metrics[f"eval_layer_{l}_sampling_acceptance"] for l in exits]
-        source = "AlignedTrainer.evaluate"
-    else:
-        loader = DataLoader(blocks.with_format("torch"), batch_size=args.batch_size, collate_fn=default_data_collator)
-        acc = exit_acceptance(model, loader)
-        greedy, sampling = acc["greedy"][: L - 1], acc["sampling"][: L - 1]
-        source = "hf_align.generation.profile.exit_acceptance"
+    # teacher-forced acceptance of every exit against the last block: AlignedTrainer.evaluate's definition too
+    greedy = [metrics[f"eval_layer_{l}_greedy_acceptance"] for l in exits]
+    sampling = [metrics[f"eval_layer_{l}_sampling_acceptance"] for l in exits]
+    source = "AlignedTrainer.evaluate"
     plot_layer_curves({"perplexity": perplexity}, os.path.join(args.output_dir, "layer_perplexity.png"),
                       ylabel="perplexity (log scale)", title="Perplexity through the model's own LM head", log=True)
     sections = [

@@ -6,7 +6,7 @@ cost of every exit depth, and the measured speed-up of self-speculative decoding
 
 from .cost import ExitCostTable, exit_costs, plot_exit_costs
 from .per_token_exit import CONFIDENCES, EarlyExitGenerateOutput, PerTokenEarlyExit, early_exit_generate, per_token_exit
-from .profile import SpeculativeProfile, exit_acceptance, speculative_profile
+from .profile import SpeculativeProfile, speculative_profile
 from .speculative import (
     SpeculativeDecoderOnlyOutput,
     SpeculativeStats,
@@ -27,7 +27,6 @@ __all__ = [
     "SpeculativeStats",
     "choose_exit_layer",
     "early_exit_generate",
-    "exit_acceptance",
     "exit_costs",
     "per_token_exit",
     "plot_exit_costs",

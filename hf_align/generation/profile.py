@@ -12,10 +12,8 @@ the same number of new tokens each time (``min_new_tokens = max_new_tokens``), a
 * ``acceptance``: the fraction of drafted tokens the full model accepted in those calls
   (:class:`~hf_align.generation.speculative.SpeculativeStats`: ``accepted / drafted`` over all repeats).
 
-:func:`exit_acceptance` is the teacher-forced counterpart on given token blocks (no decoding): for every exit
-layer l, greedy ``mean_t [argmax p_l(. | x_<t) = argmax p_L(. | x_<t)]`` and sampling (T = 1)
-``mean_t sum_v min(p_l(v | x_<t), p_L(v | x_<t))``, the probability that a token drafted from layer l is
-accepted by the speculative-sampling rule (Leviathan et al. 2023).
+The teacher-forced counterpart on given token blocks (no decoding) is ``AlignedTrainer.evaluate``'s
+``eval_layer_{l}_greedy_acceptance`` / ``eval_layer_{l}_sampling_acceptance``.
 """
 
 from __future__ import annotations
@@ -33,7 +31,7 @@ from ..layers import LayerView, unwrap_model
 from .front_door import check_decoder
 from .speculative import SpeculativeStats, self_speculative
 
-__all__ = ["SpeculativeProfile", "exit_acceptance", "speculative_profile"]
+__all__ = ["SpeculativeProfile", "speculative_profile"]
 
 WHO = "speculative_profile"
 
@@ -250,39 +248,3 @@ def speculative_profile(
                               batch_size=int(input_ids.shape[0]), prompt_length=int(input_ids.shape[1]),
                               max_new_tokens=max_new_tokens, repeats=repeats, do_sample=do_sample, device=str(device),
                               outputs=outputs)
-
-
-def exit_acceptance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, list[float]]:
-    """Teacher-forced acceptance of every exit layer l = 1..L against the last layer L, on given token blocks.
-
-    For every scored position t of every row (attended, with an attended next token: the prediction of token t+1
-    from x_<=t; the tokens the perplexity is measured on)::
-
-        greedy_l   = mean_t [argmax_v p_l(v) == argmax_v p_L(v)]
-        sampling_l = mean_t sum_v min(p_l(v), p_L(v))        (T = 1: the speculative-sampling acceptance)
-
-    with ``p_l = softmax(head(h_l))`` through the model's own final norm + LM head (float64 softmax). Returns
-    ``{"greedy": [...], "sampling": [...]}``, one value per layer 1..L (layer L is 1 by definition).
-    """
-    view = LayerView(unwrap_model(model))
-    L = view.num_layers
-    agree = torch.zeros(L, dtype=torch.float64)
-    overlap = torch.zeros(L, dtype=torch.float64)
-    count = 0
-    with torch.no_grad():
-        for batch in batches:
-            inputs = {k: v.to(view.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-            attended = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"])).bool()
-            mask = attended[:, :-1] & attended[:, 1:]  # (B, T-1): positions that predict an attended next token
-            logits = [lg[:, :-1] for lg in view.layer_logits(**inputs)]  # L x (B, T-1, V)
-            last = logits[-1].double()
-            top_L = last.argmax(-1)[mask]
-            p_L = last.softmax(-1)[mask]
-            for layer, lg in enumerate(logits):
-                lg = lg.double()
-                agree[layer] += (lg.argmax(-1)[mask] == top_L).sum().item()
-                overlap[layer] += torch.minimum(lg.softmax(-1)[mask], p_L).sum().item()
-            count += int(mask.sum())
-    if count == 0:
-        raise ValueError("exit_acceptance: the batches hold no scored position (two attended tokens in a row)")
-    return {"greedy": (agree / count).tolist(), "sampling": (overlap / count).tolist()}
