@@ -3,9 +3,11 @@
     python benchmarks/lm_continued_training.py --runs llama-pretrained,llama-standard,...   # train runs (cached)
     python benchmarks/lm_continued_training.py --report-only                                 # rebuild the report
 
-Setup. Data: the Python Language Reference topics in CPython's standard library (``pydoc_data.topics``, PSF
-License; see ``hf_align.data.load_python_docs_texts``), split by topic; a byte-level BPE tokenizer (4,096 tokens)
-trained on the training topics; blocks of 64 tokens. For each family (Llama, GPT-2; 6 blocks, hidden 128):
+Setup. Data: the Python 3.11 documentation's reST sources as Debian ships them (package ``python3.11-doc``,
+``/usr/share/doc/python3.11/html/_sources``; PSF License), 497 documents, 5% held out by document; a byte-level
+BPE tokenizer (4,096 tokens) trained on the training documents; blocks of 64 tokens; 256 held-out blocks for
+evaluation. (The stdlib's ``pydoc_data`` topics, which the tests use, are too small here: 2,000 steps of
+pre-training would be 10 epochs of them.) For each family (Llama, GPT-2; 6 blocks, hidden 128):
 
 * ``<family>-pretrained``: standard training (``layer_weights="last"``) from random init, ``PRETRAIN_STEPS`` steps:
   the "pretrained checkpoint" users start from;
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -36,7 +37,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CACHE, RESULTS, machine_info  # noqa: E402
+from common import CACHE, RESULTS  # noqa: E402
 
 CACHE_DIR = os.path.join(CACHE, "lm_continued")
 BLOCK_SIZE = 64
@@ -47,8 +48,9 @@ CONTINUE_STEPS = 500  # 25% of pre-training
 BATCH = 8
 PRETRAIN = dict(per_device_train_batch_size=BATCH, learning_rate=2e-3, warmup_steps=40, weight_decay=0.1,
                 lr_scheduler_type="cosine", adam_beta2=0.98, max_grad_norm=1.0)
-# continued training: a smaller peak learning rate, short warm-up, cosine to 0 (a common fine-tuning schedule)
-CONTINUE = dict(PRETRAIN, learning_rate=5e-4, warmup_steps=25)
+# continued training: a smaller peak learning rate, short warm-up, cosine to 0 (a common fine-tuning schedule), on
+# another draw of the training blocks (pre-training sees 36% of them)
+CONTINUE = dict(PRETRAIN, learning_rate=5e-4, warmup_steps=25, data_seed=1)  # data_seed: a new draw of the text
 
 # run suffix -> (layer_weights, AlignedTrainingArguments options, start) ; start: "pretrained" or "scratch"
 VARIANTS = {
@@ -65,12 +67,40 @@ FAMILIES = ("llama", "gpt2")
 RUNS = [f"{family}-{variant}" for family in FAMILIES for variant in VARIANTS]
 
 
-def data():
-    from hf_align.data import lm_blocks, load_python_docs_texts, train_bpe_tokenizer
+TEXT_ROOTS = ("/usr/share/doc/python3.11/html/_sources", "/work/debtext/root/usr/share/doc/python3.11/html/_sources")
+EVAL_BLOCKS = 256
 
-    texts = load_python_docs_texts()
+
+def load_texts(root: str | None = None, test_fraction: float = 0.05, seed: int = 0) -> dict[str, list[str]]:
+    """The Python 3.11 documentation's reST sources (Debian's ``python3.11-doc``: ``_sources/**/*.rst.txt``, 497
+    files, 12 MB of English prose and examples; Python Software Foundation License). One document per file; a
+    seeded ``test_fraction`` of the files is held out (whole documents: no test text is seen in training)."""
+    import glob
+
+    import numpy as np
+
+    root = root or next((r for r in TEXT_ROOTS if os.path.isdir(r)), None)
+    if root is None:
+        raise SystemExit("the text is Debian's python3.11-doc: `apt-get install python3.11-doc`, or `apt-get download "
+                         "python3.11-doc && dpkg -x python3.11-doc_*.deb /work/debtext/root`, or pass --text-root")
+    files = sorted(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
+    rng = np.random.default_rng(seed)
+    test = set(rng.choice(len(files), size=max(1, round(test_fraction * len(files))), replace=False).tolist())
+    texts = {"train": [], "test": []}
+    for i, path in enumerate(files):
+        with open(path, encoding="utf-8") as f:
+            texts["test" if i in test else "train"].append("\n".join(line.rstrip() for line in f.read().strip().split("\n")))
+    return texts
+
+
+def data(root: str | None = None):
+    from hf_align.data import lm_blocks, train_bpe_tokenizer
+
+    texts = load_texts(root)
     tokenizer = train_bpe_tokenizer(texts["train"], vocab_size=VOCAB, model_max_length=BLOCK_SIZE)
-    return tokenizer, texts, lm_blocks(texts["train"], tokenizer, BLOCK_SIZE), lm_blocks(texts["test"], tokenizer, BLOCK_SIZE)
+    test = lm_blocks(texts["test"], tokenizer, BLOCK_SIZE)
+    test = test.select(range(0, len(test), max(1, len(test) // EVAL_BLOCKS))[:EVAL_BLOCKS])  # spread over the test docs
+    return tokenizer, texts, lm_blocks(texts["train"], tokenizer, BLOCK_SIZE), test
 
 
 def fresh_model(family: str, tokenizer, seed: int = 0):
@@ -147,13 +177,14 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--text-root", default=None, help=f"folder of the documentation sources (default: {TEXT_ROOTS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     names = [n for n in args.runs.split(",") if n]
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         parser.error(f"unknown runs {unknown}; known: {RUNS}")
-    tokenizer, texts, train, test = data()
+    tokenizer, texts, train, test = data(args.text_root)
     if not args.report_only:
         for name in names:
             if os.path.exists(os.path.join(run_dir(name), "hf_align_benchmark.json")) and not args.force:
