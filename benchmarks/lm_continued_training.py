@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -37,7 +38,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import CACHE, RESULTS  # noqa: E402
+from common import CACHE, RESULTS, machine_info  # noqa: E402
 
 CACHE_DIR = os.path.join(CACHE, "lm_continued")
 BLOCK_SIZE = 64
@@ -170,6 +171,153 @@ def train_run(name: str, tokenizer, train, test, seed: int = 0) -> dict:
     return meta
 
 
+LABELS = {"pretrained": "pre-trained checkpoint (standard, 2,000 steps)", "standard": "(a) continued, standard",
+          "aligned": "(b) continued, aligned (linear weights)", "gradual": "(b) continued, aligned + gradual curriculum",
+          "kl": "(b) continued, aligned + self-distillation (KL, beta=1)",
+          "dropout": "(b) continued, aligned + layer dropout (exp, p_max=0.2)",
+          "lora": "(c) continued, aligned, LoRA r=16 (merged)", "scratch": "from scratch, aligned + gradual, 2,500 steps"}
+PROMPT_TOKENS, NEW_TOKENS = 16, 32
+
+
+def measure_speed(name: str, test, prompts: int, repeats: int) -> dict:
+    """speculative_profile of the saved run on held-out prompts (batch 1), greedy and sampling (T=1, top-k 50 of
+    the default generation config): per exit layer k the best of n in (2, 4); geometric mean over the prompts."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_align import speculative_profile
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir(name), dtype=torch.float32).eval()
+    ids = torch.tensor(test["input_ids"])
+    picks = [int(i) for i in torch.linspace(0, len(ids) - 1, prompts).round()]
+    result = {}
+    for mode, sample in (("greedy", False), ("sampling", True)):
+        per_k: dict[int, dict] = {}
+        for p in picks:
+            torch.manual_seed(p)
+            profile = speculative_profile(model, ids[p:p + 1, :PROMPT_TOKENS], draft_counts=(2, 4),
+                                          max_new_tokens=NEW_TOKENS, repeats=repeats, do_sample=sample, progress=False)
+            for row in profile.rows:
+                entry = per_k.setdefault(row["exit_layer"], {2: [], 4: [], "acc": {2: [], 4: []}})
+                entry[row["num_draft_tokens"]].append(row["speedup"])
+                entry["acc"][row["num_draft_tokens"]].append(row["acceptance"])
+        rows = {}
+        for k, entry in sorted(per_k.items()):
+            gm = {n: math.exp(sum(math.log(v) for v in entry[n]) / len(entry[n])) for n in (2, 4)}
+            n = max(gm, key=gm.get)
+            rows[k] = {"speedup": gm[n], "num_draft_tokens": n,
+                       "acceptance": sum(entry["acc"][n]) / len(entry["acc"][n]), "speedup_by_n": gm}
+        result[mode] = rows
+    return result
+
+
+def report(tokenizer, test, out: str, command: str, prompts: int, repeats: int, speed: bool) -> None:
+    from common import plot_panels
+
+    metas = {}
+    for name in RUNS:
+        path = os.path.join(run_dir(name), "hf_align_benchmark.json")
+        if os.path.exists(path):
+            with open(path) as f:
+                metas[name] = json.load(f)
+    if not metas:
+        raise SystemExit("no trained runs in the cache")
+    for name, meta in metas.items():
+        if speed and "speed" not in meta:
+            print(f"{name}: measuring the speculative speed-up", flush=True)
+            meta["speed"] = measure_speed(name, test, prompts, repeats)
+            with open(os.path.join(run_dir(name), "hf_align_benchmark.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+    L = LAYERS
+    mid = L // 3  # the targets' early exits: k <= L/3
+    lines = ["# Continued aligned training of a pre-trained decoder LM", "",
+             f"Command (this report): `{command}`; each run was trained by `python benchmarks/lm_continued_training.py "
+             "--runs <runs>` (one process per family, two at a time on the 2 cores, one thread each; runs in the cache "
+             "are not retrained).", "",
+             "**Setup.** Text: the Python 3.11 documentation's reST sources as Debian ships them (package "
+             "`python3.11-doc`, `/usr/share/doc/python3.11/html/_sources`, 497 documents, 12 MB; Python Software "
+             "Foundation License), 5% of the documents held out; byte-level BPE, 4,096 tokens, trained on the training "
+             f"documents; blocks of {BLOCK_SIZE} tokens, batches of {BATCH}; 256 held-out blocks (16,384 tokens) for "
+             f"every number below. Models: Llama and GPT-2, {L} blocks, hidden {HIDDEN}, from a config with the same "
+             f"seed. Pre-training: standard (`layer_weights=\"last\"`), {PRETRAIN_STEPS} steps (AdamW, peak lr 2e-3, "
+             f"cosine; {PRETRAIN_STEPS * BATCH * BLOCK_SIZE / 1e6:.2f}M tokens, 36% of the training text, seen once). "
+             f"Continued: {CONTINUE_STEPS} steps (25% of pre-training) from the checkpoint, peak lr 5e-4 (LoRA: 2e-3), "
+             "cosine, on another draw of the training text, one run per recipe. From scratch: the aligned recipe for "
+             f"{PRETRAIN_STEPS + CONTINUE_STEPS} steps (the same total budget).", "",
+             "**Measures.** Perplexity after block l: exp of the mean next-token NLL through the model's own final norm "
+             "and LM head applied after block l (`AlignedTrainer.evaluate`, `eval_layer_{l}_perplexity`). Acceptance "
+             "of exit k (teacher forced on the same tokens, against the last block): greedy, the share of tokens whose "
+             "argmax equals the last block's; sampling, the mean of `sum_v min(p_k(v), p_L(v))`, the probability that "
+             "a token drafted at T = 1 is accepted (`eval_layer_{k}_greedy_acceptance` / `_sampling_acceptance`). "
+             "Speed-up: `hf_align.speculative_profile`, i.e. `generate(custom_generate=hf_align.self_speculative, "
+             f"exit_layer=k, num_draft_tokens=n)` against plain `generate`, batch 1, {PROMPT_TOKENS}-token held-out "
+             f"prompts, {NEW_TOKENS} new tokens, median of {repeats} interleaved repeats per prompt, geometric mean over "
+             f"{prompts} prompts, the better of n = 2 and 4; sampling with the default generation config (T = 1, top-k 50).",
+             ""]
+    summary: dict = {}
+    for family in FAMILIES:
+        runs = {n: m for n, m in metas.items() if m["family"] == family}
+        if not runs:
+            continue
+        std = runs.get(f"{family}-standard")
+        lines += [f"## {family} ({next(iter(runs.values()))['params'] / 1e6:.2f}M parameters)", "",
+                  "### Perplexity after every block", "",
+                  "| run | " + " | ".join(f"L{l}" for l in range(1, L + 1)) + " | final vs (a) | train s |",
+                  "|---|" + "---:|" * (L + 2)]
+        for m in runs.values():
+            ppl = [m["metrics"][f"eval_layer_{l}_perplexity"] for l in range(1, L + 1)]
+            ratio = ppl[-1] / std["metrics"][f"eval_layer_{L}_perplexity"] if std else float("nan")
+            lines.append(f"| {LABELS[m['variant']]} | " + " | ".join(f"{p:.1f}" for p in ppl)
+                         + f" | {ratio:.3f} | {m['train_seconds']:.0f} |")
+        lines += ["", "### Draft acceptance per exit layer k (teacher forced; greedy / sampling)", "",
+                  "| run | " + " | ".join(f"k={k}" for k in range(1, L)) + f" | sampling k<={mid} vs (a) |",
+                  "|---|" + "---:|" * L]
+        for n, m in runs.items():
+            g = [m["metrics"][f"eval_layer_{k}_greedy_acceptance"] for k in range(1, L)]
+            a = [m["metrics"][f"eval_layer_{k}_sampling_acceptance"] for k in range(1, L)]
+            base = [std["metrics"][f"eval_layer_{k}_sampling_acceptance"] for k in range(1, L)] if std else None
+            gains = [a[k] / base[k] for k in range(mid)] if base else []
+            lines.append(f"| {LABELS[m['variant']]} | " + " | ".join(f"{100 * x:.0f}% / {100 * y:.0f}%" for x, y in zip(g, a))
+                         + " | " + ", ".join(f"{v:.2f}x" for v in gains) + " |")
+            if std and n != std["run"] and m["variant"] != "pretrained":
+                final = m["metrics"][f"eval_layer_{L}_perplexity"] / std["metrics"][f"eval_layer_{L}_perplexity"]
+                summary[n] = {"final_ppl_ratio_vs_a": final, "final_within_2pct": final <= 1.02,
+                              "sampling_acceptance_gain_k<=L/3": gains,
+                              "acceptance_target_met": all(v >= 1.5 for v in gains)}
+        if any("speed" in m for m in runs.values()):
+            for mode in ("greedy", "sampling"):
+                lines += ["", f"### Measured self-speculative speed-up per exit layer k ({mode}; best n; batch 1)", "",
+                          "| run | " + " | ".join(f"k={k}" for k in range(1, L)) + " |", "|---|" + "---:|" * (L - 1)]
+                for m in runs.values():
+                    if "speed" not in m:
+                        continue
+                    rows = m["speed"][mode]
+                    lines.append(f"| {LABELS[m['variant']]} | " + " | ".join(
+                        f"{rows[str(k)]['speedup']:.2f}x (n={rows[str(k)]['num_draft_tokens']}, "
+                        f"{100 * rows[str(k)]['acceptance']:.0f}%)" for k in range(1, L)) + " |")
+        lines.append("")
+    lines += ["## Targets", "", "| run | final layer vs (a) | within 2% | sampling acceptance k<=L/3 vs (a) | >= 1.5x |",
+              "|---|---:|---|---|---|"]
+    for n, v in summary.items():
+        lines.append(f"| {n} | {v['final_ppl_ratio_vs_a']:.4f} | {'yes' if v['final_within_2pct'] else 'NO'} | "
+                     + ", ".join(f"{g:.2f}x" for g in v["sampling_acceptance_gain_k<=L/3"])
+                     + f" | {'yes' if v['acceptance_target_met'] else 'NO'} |")
+    lines += ["", "Machine: " + json.dumps(machine_info()), ""]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "lm_continued_training.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(out, "lm_continued_training.json"), "w") as f:
+        json.dump({"command": command, "runs": metas, "summary": summary}, f, indent=1)
+    ppl_panels = {f"{fam}: log perplexity after block l": {
+        LABELS[m["variant"]]: (list(range(1, L + 1)), [math.log(m["metrics"][f"eval_layer_{l}_perplexity"]) for l in range(1, L + 1)])
+        for m in metas.values() if m["family"] == fam} for fam in FAMILIES}
+    plot_panels(ppl_panels, os.path.join(out, "lm_continued_training.png"), xlabel="block l", ylabel="held-out log perplexity")
+    acc_panels = {f"{fam}: sampling acceptance of exit k": {
+        LABELS[m["variant"]]: (list(range(1, L)), [100 * m["metrics"][f"eval_layer_{k}_sampling_acceptance"] for k in range(1, L)])
+        for m in metas.values() if m["family"] == fam} for fam in FAMILIES}
+    plot_panels(acc_panels, os.path.join(out, "lm_continued_training_acceptance.png"), xlabel="exit layer k",
+                ylabel="acceptance at T=1 (%)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="", help=f"comma-separated runs to train (of {RUNS})")
@@ -177,6 +325,9 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--prompts", type=int, default=3, help="held-out prompts of the speed measurement")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats per prompt")
+    parser.add_argument("--no-speed", action="store_true", help="report without measuring speed-ups")
     parser.add_argument("--text-root", default=None, help=f"folder of the documentation sources (default: {TEXT_ROOTS})")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -191,6 +342,9 @@ def main():
                 print(f"{name}: cached")
                 continue
             train_run(name, tokenizer, train, test)
+    if args.report_only or not names:
+        report(tokenizer, test, args.out, "python benchmarks/lm_continued_training.py " + " ".join(sys.argv[1:]),
+               args.prompts, args.repeats, speed=not args.no_speed)
 
 
 if __name__ == "__main__":
