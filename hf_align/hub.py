@@ -412,14 +412,17 @@ def plot_layer_perplexity(curves: dict[str, list[float]], path: str | os.PathLik
     return os.fspath(path)
 
 
-def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, speculative: dict | None) -> list[str]:
+def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, speculative: dict | None,
+                   peft: bool = False) -> list[str]:
     """The aligned-LM sections: per-layer perplexity / acceptance table and plot, and the recommended (k, n)."""
     metrics = latest_lm_metrics(log_history)
     lines = ["Trained with [hf-align](https://pypi.org/project/hf-align/)'s `AlignedTrainer`: the model's own final "
              "norm and LM head are applied after every block l and trained with `L = sum_l w_l * CE(head(h_l), y)`, "
              "so every block predicts the next token through the one shared head. Its first blocks then draft for "
              "its full depth in self-speculative decoding (greedy output equal to plain `generate`, sampling in "
-             "distribution). The saved model is a plain transformers causal LM.", ""]
+             "distribution). " + ("The saved artefact is a PEFT adapter of a plain transformers causal LM (merge it "
+                                  "with `merge_and_unload()` for the fastest decoding)." if peft
+                                  else "The saved model is a plain transformers causal LM."), ""]
     if metrics:
         lines += ["## Perplexity and draft acceptance after every block (evaluation set)", "",
                   "Perplexity: exp of the mean next-token NLL through the shared head after block l. Acceptance "
@@ -462,9 +465,11 @@ def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, s
         lines += ["Not measured yet: `hf-align evaluate` (or `hf_align.speculative_profile`) measures the speed-up "
                   "of every (exit layer, draft count) on your hardware; until then `exit_layer=\"auto\"` chooses in "
                   "each call."]
-    lines += ["", "## Use", "", "```python", "import hf_align",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-              f"model = AutoModelForCausalLM.from_pretrained({_q(repo)})",
+    loader = (["from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer", "",
+               f"model = AutoPeftModelForCausalLM.from_pretrained({_q(repo)}).merge_and_unload()"] if peft else
+              ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+               f"model = AutoModelForCausalLM.from_pretrained({_q(repo)})"])
+    lines += ["", "## Use", "", "```python", "import hf_align", *loader,
               f"tokenizer = AutoTokenizer.from_pretrained({_q(repo)})",
               "inputs = tokenizer(\"The layers of a transformer\", return_tensors=\"pt\")",
               "plain = model.generate(**inputs, max_new_tokens=10, do_sample=False)",
@@ -501,12 +506,12 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
         defaults["tags"] = tags + ["peft"] + ([f"base_model:adapter:{hub_base}"] if hub_base else [])
     data = card_data(defaults, user, folder=output_dir)
     target = repo if repo is not None else os.fspath(output_dir)
-    if layer_view.task == "causal-lm" and not peft:
-        lines = _lm_card_lines(output_dir, model, num_layers, log_history, target, speculative)
+    if layer_view.task == "causal-lm":
+        lines = _lm_card_lines(output_dir, model, num_layers, log_history, target, speculative, peft=peft)
         lines += ["## Recipe", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | `{v}` |" for k, v in recipe.items()]
         lines.append("")
-        if os.path.isdir(os.path.join(output_dir, "custom_generate")):
+        if not peft and os.path.isdir(os.path.join(output_dir, "custom_generate")):
             generation = getattr(model, "generation_config", None)
             k = (speculative or {}).get("exit_layer", getattr(generation, EXIT_LAYER_KEY, None))
             n = (speculative or {}).get("num_draft_tokens", getattr(generation, NUM_DRAFT_KEY, None))

@@ -98,3 +98,44 @@ def test_card_without_a_measurement_says_how_to_get_one(tmp_path):
     (tmp_path / "README.md").write_text("my own notes")  # a README the user wrote is never overwritten
     aligned_model_card(tmp_path, model, LayerView(model), log, recipe={})
     assert (tmp_path / "README.md").read_text() == "my own notes"
+
+
+def test_lora_aligned_lm_trains_merges_and_its_card_loads_it(tmp_path, monkeypatch):
+    """A LoRA adapter trained with the aligned loss: the merged model's per-block perplexities equal the adapter
+    model's (float64 reference through the merged weights), it is a plain LlamaForCausalLM, and the adapter's
+    card snippet (AutoPeftModelForCausalLM + merge_and_unload) runs as written."""
+    peft = pytest.importorskip("peft")
+    texts = load_python_docs_texts()
+    tok = train_bpe_tokenizer(texts["train"][:10], vocab_size=300, model_max_length=32)
+    train = lm_blocks(texts["train"][:10], tok, 32).select(range(32))
+    test = lm_blocks(texts["test"][:1], tok, 32).select(range(6))
+    torch.manual_seed(0)
+    base = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    base.save_pretrained(tmp_path / "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                     task_type="CAUSAL_LM"))
+    lora.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
+    out = tmp_path / "adapter"
+    args = AlignedTrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+                                    report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True)
+    trainer = AlignedTrainer(model=lora, args=args, train_dataset=train, eval_dataset=test, processing_class=tok)
+    trainer.train()
+    adapter_metrics = trainer.evaluate()
+    trainer.save_model(str(out))
+    merged = lora.merge_and_unload()
+    assert type(merged) is T.LlamaForCausalLM and not any("lora" in n for n, _ in merged.named_parameters())
+    ids = torch.tensor(test["input_ids"])
+    with torch.no_grad():
+        hidden = merged.double()(input_ids=ids, output_hidden_states=True, use_cache=False).hidden_states
+        for l in range(1, 4):
+            h = hidden[l] if l == 3 else merged.model.norm(hidden[l])  # transformers' last hidden state is normed
+            nll = torch.nn.functional.cross_entropy(merged.lm_head(h)[:, :-1].reshape(-1, len(tok)), ids[:, 1:].reshape(-1))
+            assert adapter_metrics[f"eval_layer_{l}_perplexity"] == pytest.approx(nll.exp().item(), rel=1e-5)
+    _, body = _card(out)
+    assert "PEFT adapter" in body and "early-exit-classification" not in body
+    snippet = re.findall(r"^```python\n(.*?)^```", body, re.S | re.M)[0]
+    assert "AutoPeftModelForCausalLM" in snippet
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    exec(compile(snippet, "README.md", "exec"), {})

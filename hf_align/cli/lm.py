@@ -270,8 +270,12 @@ def train_lm(model_args: ModelArguments, data_args: DataArguments, args, profile
     if profile_args.speculative_profile:
         profile = measure_profile(trainer.model, evaluation, data_args.block_size, profile_args)
         if profile is not None:
-            trainer.speculative_recommendation = profile.recommended  # read by the trainer's card / save code
+            trainer.speculative_recommendation = {**profile.recommended,  # read by the trainer's card / save code
+                                                  "measured_on": profile.describe()}
             print(f"self-speculative decoding, recommended: {recommendation_text(profile.recommended)}")
+    name = data_args.dataset_name
+    if name and not name.startswith("embedded:") and not os.path.exists(name):  # a Hub dataset: the card's metadata
+        trainer.create_model_card(datasets=[name])
     trainer.save_model(args.output_dir)
     print(f"model ({type(trainer.model).__name__}), its tokenizer and model card saved to {args.output_dir}")
     return 0
