@@ -61,6 +61,8 @@ VARIANTS = {
     "gradual": ("linear", {"early_exit_curriculum": "gradual"}, "pretrained"),
     "kl": ("linear", {"layer_distillation": 1.0}, "pretrained"),
     "dropout": ("linear", {"layer_dropout": 0.2}, "pretrained"),
+    # w_L = 0.5, blocks 1..L-1 sharing the rest in proportion to depth: when the last layer must not move
+    "last50": ([2 * l / ((LAYERS - 1) * LAYERS) * 0.5 for l in range(1, LAYERS)] + [0.5], {}, "pretrained"),
     "lora": ("linear", {"learning_rate": 2e-3}, "pretrained"),
     "scratch": ("linear", {"early_exit_curriculum": "gradual"}, "scratch"),
 }
@@ -175,6 +177,7 @@ LABELS = {"pretrained": "pre-trained checkpoint (standard, 2,000 steps)", "stand
           "aligned": "(b) continued, aligned (linear weights)", "gradual": "(b) continued, aligned + gradual curriculum",
           "kl": "(b) continued, aligned + self-distillation (KL, beta=1)",
           "dropout": "(b) continued, aligned + layer dropout (exp, p_max=0.2)",
+          "last50": "(b) continued, aligned, w_L = 0.5 (rest linear)",
           "lora": "(c) continued, aligned, LoRA r=16 (merged)", "scratch": "from scratch, aligned + gradual, 2,500 steps"}
 PROMPT_TOKENS, NEW_TOKENS = 16, 32
 

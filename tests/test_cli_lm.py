@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers as T
 from safetensors.torch import load_file
+from test_cli import one_line_error
 
 import hf_align
 from hf_align.cli.commands import main
@@ -25,15 +26,6 @@ BLOCK = 32
 FAST = ["--report_to", "none", "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8",
         "--block_size", str(BLOCK), "--learning_rate", "1e-3"]
 NO_PROFILE = ["--speculative_profile", "false"]
-
-
-def one_line_error(capsys, *fragments):
-    lines = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in lines if "error" in line]
-    assert len(errors) == 1 and errors[0] == lines[-1], lines
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

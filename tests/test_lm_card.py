@@ -14,17 +14,21 @@ from hf_align import AlignedTrainer, AlignedTrainingArguments
 from hf_align.data import lm_blocks, load_python_docs_texts, train_bpe_tokenizer
 
 
+def tiny_llama(tok):
+    torch.manual_seed(0)
+    return T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                            pad_token_id=tok.pad_token_id))
+
+
 @pytest.fixture(scope="module")
 def saved_lm(tmp_path_factory):
     texts = load_python_docs_texts()
     tok = train_bpe_tokenizer(texts["train"][:20], vocab_size=400, model_max_length=32)
     train = lm_blocks(texts["train"][:20], tok, 32).select(range(48))
     test = lm_blocks(texts["test"][:2], tok, 32).select(range(8))
-    torch.manual_seed(0)
-    model = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                             pad_token_id=tok.pad_token_id))
+    model = tiny_llama(tok)
     out = tmp_path_factory.mktemp("lm") / "aligned-lm"
     args = AlignedTrainingArguments(output_dir=str(out), max_steps=6, per_device_train_batch_size=8, learning_rate=3e-3,
                                     report_to=[], save_strategy="no", disable_tqdm=True, use_cpu=True, seed=0)
@@ -109,10 +113,7 @@ def test_lora_aligned_lm_trains_merges_and_its_card_loads_it(tmp_path, monkeypat
     tok = train_bpe_tokenizer(texts["train"][:10], vocab_size=300, model_max_length=32)
     train = lm_blocks(texts["train"][:10], tok, 32).select(range(32))
     test = lm_blocks(texts["test"][:1], tok, 32).select(range(6))
-    torch.manual_seed(0)
-    base = T.LlamaForCausalLM(T.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                            pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    base = tiny_llama(tok)
     base.save_pretrained(tmp_path / "base")
     lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                      task_type="CAUSAL_LM"))
