@@ -47,13 +47,23 @@ def distinct(token_lists: list[list[int]], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else float("nan")
 
 
-def batches_for(tokenizer, batch: int, count: int, new_tokens: int, seed: int = 0):
+def texts_for(source: str) -> list[str]:
+    """Held-out documents: ``pydoc`` (the LM-training benchmark's held-out ``pydoc_data`` topics) or ``debian-docs``
+    (the held-out documents of benchmarks/lm_continued_training.py, Debian's python3.11-doc sources)."""
+    if source == "debian-docs":
+        import lm_continued_training
+
+        return lm_continued_training.load_texts()["test"]
+    return held_out_texts()
+
+
+def batches_for(tokenizer, batch: int, count: int, new_tokens: int, seed: int = 0, source: str = "pydoc"):
     """``count`` left-padded batches of ``batch`` prompts (ragged 24-48 tokens) + each prompt's human continuation."""
     import random
 
     rng = random.Random(seed)
     rows = []
-    for text in held_out_texts():
+    for text in texts_for(source):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         for start in range(0, len(ids) - 48 - new_tokens, 97):
             length = rng.randint(24, 48)
@@ -83,6 +93,8 @@ def main():
     ap.add_argument("--draft-tokens", default="auto")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=RESULTS)
+    ap.add_argument("--texts", default="pydoc", choices=["pydoc", "debian-docs"],
+                    help="held-out prompts: pydoc_data topics, or benchmarks/lm_continued_training.py's held-out documents")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +109,7 @@ def main():
     gen_base = dict(max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=tokenizer.pad_token_id)
     results = []
     for batch in a.batches:
-        data = batches_for(tokenizer, batch, a.prompt_batches, a.new_tokens)
+        data = batches_for(tokenizer, batch, a.prompt_batches, a.new_tokens, source=a.texts)
         for mode in a.modes:
             gen = {**gen_base, **MODES[mode]}
             methods = ["generate", "generate static", "speculative", "speculative static"]
