@@ -179,7 +179,7 @@ def plot_panels(panels: dict, path: str, xlabel: str, ylabel: str = "accuracy (%
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
