@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -142,7 +143,9 @@ def test_auto_prior_is_the_teacher_forced_agreement_on_the_prompt():
         last.self_attn.o_proj.weight.zero_()
         last.mlp.down_proj.weight.zero_()
     ids, mask = _prompts(4)
-    k, report = hf_align.choose_exit_layer(model, ids, mask, num_draft_tokens=3)
+    with warnings.catch_warnings():  # whether any k is predicted faster depends on this machine's timings
+        warnings.filterwarnings("ignore", message="choose_exit_layer: no draft depth", category=UserWarning)
+        k, report = hf_align.choose_exit_layer(model, ids, mask, num_draft_tokens=3)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     logits = hf_align.LayerView(model).layer_logits(input_ids=ids, attention_mask=mask, position_ids=positions)
     window = slice(0, ids.shape[1] - 1)  # every position but the last predicts a prompt token
