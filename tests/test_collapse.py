@@ -241,6 +241,7 @@ def _dist_worker(rank, world, path, X, y, K, out):
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     s = ClassStatistics(K, X.shape[1]).update(X[rank::world], y[rank::world]).reduce()
     np.save(f"{out}_{rank}.npy", np.concatenate([s.means().ravel(), s.within_class_covariance().ravel()]))
+    dist.barrier()  # both ranks done before the group goes: gloo aborts a rank torn down mid-exchange
     dist.destroy_process_group()
 
 

@@ -169,6 +169,7 @@ with warnings.catch_warnings():
     rep = collapse_report(model, data, batch_size=5)
 if dist.get_rank() == 0:
     json.dump({{"per_layer": rep.per_layer, "n": rep.num_samples, "undefined": rep.undefined_layers}}, open(sys.argv[1], "w"))
+dist.barrier()  # both ranks done before the group goes: gloo aborts a rank torn down mid-exchange
 dist.destroy_process_group()
 """
 

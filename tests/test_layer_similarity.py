@@ -192,6 +192,7 @@ _DIST_SCRIPT = textwrap.dedent(
         out[metric] = layer_similarity(model, ex, metric=metric, pooling=pooling, batch_size=5, progress=False).matrix.tolist()
     if dist.get_rank() == 0:
         json.dump(out, open(sys.argv[1], "w"))
+    dist.barrier()  # both ranks done before the group goes: gloo aborts a rank torn down mid-exchange
     dist.destroy_process_group()
     """
 )
