@@ -281,22 +281,31 @@ def layer_table(metrics: dict[str, float], num_layers: int, prefix: str = "eval"
     return rows
 
 
-def plot_layer_accuracy(curves: dict[str, list[float]], path: str | os.PathLike, title: str = "Accuracy through the shared head"):
-    """Line plot of layer-wise accuracy (one curve per model/recipe); saves a PNG and returns its path."""
-    from matplotlib.figure import Figure  # no pyplot: the user's global backend is left alone
+def plot_layer_curves(curves: dict[str, list[float]], path: str | os.PathLike, ylabel: str, title: str,
+                      log: bool = False, percent: bool = False, xlabel: str = "block l") -> str:
+    """One line per curve over blocks 1..len(curve) (a matplotlib ``Figure``: no pyplot, so the user's global
+    backend is left alone); saves a PNG marked as hf-align's (later saves may replace it) and returns its path."""
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(5, 3.2), dpi=120)
     ax = fig.subplots()
-    for name, accuracies in curves.items():
-        ax.plot(range(1, len(accuracies) + 1), [100 * a for a in accuracies], marker="o", label=name)
-    ax.set_xlabel("block l")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for name, values in curves.items():
+        ax.plot(range(1, len(values) + 1), [100 * v for v in values] if percent else values, marker="o", label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"{ylabel} (%)" if percent else ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both" if log else "major")
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, metadata={"Software": _PLOT_SOFTWARE})  # marks the file as ours (later saves may replace it)
+    fig.savefig(path, metadata={"Software": _PLOT_SOFTWARE})
     return os.fspath(path)
+
+
+def plot_layer_accuracy(curves: dict[str, list[float]], path: str | os.PathLike, title: str = "Accuracy through the shared head"):
+    """Line plot of layer-wise accuracy (one curve per model/recipe); saves a PNG and returns its path."""
+    return plot_layer_curves(curves, path, "accuracy", title, percent=True)
 
 
 _PLOT_SOFTWARE = "hf-align plot_layer_accuracy"
@@ -338,37 +347,28 @@ def usage_snippet(task: str, repo: str, folder=None, peft: bool = False, thresho
 
     Classifiers: ``pipeline("early-exit-classification", model=repo)`` after ``import hf_align`` (an image
     classifier gets an example image; the image processor must be saved beside the model, which the card says
-    when it is not). Causal LMs: ``AutoModelForCausalLM`` + the tokenizer. Adapters also show PEFT's
-    ``AutoPeftModelFor...``."""
+    when it is not). Adapters also show PEFT's ``AutoPeftModelFor...``. (Causal LMs: the LM card's own snippets,
+    :func:`aligned_model_card`.)"""
     arg = f", threshold={threshold}" if threshold is not None else ""
-    lines = ["## Use", ""]
-    if task == "causal-lm":
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f"model = AutoModelForCausalLM.from_pretrained({_q(repo)})",
-                  f"tokenizer = AutoTokenizer.from_pretrained({_q(repo)})",
-                  "inputs = tokenizer(\"The layers of a transformer\", return_tensors=\"pt\")",
-                  "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=10)[0]))", "```", ""]
+    lines = ["## Use", "", "```python"]
+    if task == "image-classification":
+        lines += ["from PIL import Image", ""]
+    lines += ["import hf_align  # registers the \"early-exit-classification\" pipeline",
+              "from transformers import pipeline", "",
+              f"clf = pipeline(\"early-exit-classification\", model={_q(repo)}{arg})"]
+    if task == "image-classification":
+        lines += ["image = Image.new(\"RGB\", (224, 224), \"gray\")  # your image here", "print(clf(image))"]
     else:
-        lines += ["```python"]
-        if task == "image-classification":
-            lines += ["from PIL import Image", ""]
-        lines += ["import hf_align  # registers the \"early-exit-classification\" pipeline",
-                  "from transformers import pipeline", "",
-                  f"clf = pipeline(\"early-exit-classification\", model={_q(repo)}{arg})"]
-        if task == "image-classification":
-            lines += ["image = Image.new(\"RGB\", (224, 224), \"gray\")  # your image here", "print(clf(image))"]
-        else:
-            lines += ["print(clf(\"A sentence to classify.\"))"]
-        lines += ["```", "",
-                  "Each result carries `exit_layer`: the block after which the model was sure enough to stop "
-                  "(blocks after it never ran). Without hf-align the folder is a plain transformers classifier "
-                  f"(`AutoModelFor{'Image' if task == 'image-classification' else 'Sequence'}Classification`)."]
-        if remote_code:
-            lines += ["", f"With hf-align installed but not imported, `pipeline(model={_q(repo)}, trust_remote_code=True)` "
-                      "gives the same pipeline: the repo's `early_exit_classification.py` only imports hf-align."]
+        lines += ["print(clf(\"A sentence to classify.\"))"]
+    lines += ["```", "",
+              "Each result carries `exit_layer`: the block after which the model was sure enough to stop "
+              "(blocks after it never ran). Without hf-align the folder is a plain transformers classifier "
+              f"(`AutoModelFor{'Image' if task == 'image-classification' else 'Sequence'}Classification`)."]
+    if remote_code:
+        lines += ["", f"With hf-align installed but not imported, `pipeline(model={_q(repo)}, trust_remote_code=True)` "
+                  "gives the same pipeline: the repo's `early_exit_classification.py` only imports hf-align."]
     if peft:
-        auto = {"sequence-classification": "AutoPeftModelForSequenceClassification",
-                "causal-lm": "AutoPeftModelForCausalLM"}.get(task, "AutoPeftModel")
+        auto = {"sequence-classification": "AutoPeftModelForSequenceClassification"}.get(task, "AutoPeftModel")
         lines += ["", "This repo holds a PEFT adapter; the base model is loaded from `base_model` above:", "",
                   "```python", f"from peft import {auto}", "", f"model = {auto}.from_pretrained({_q(repo)})", "```"]
     if folder is not None and task == "image-classification" and not _has_image_processor(folder):
@@ -389,27 +389,15 @@ def latest_lm_metrics(log_history: list[dict], prefix: str = "eval") -> dict[str
     return {}
 
 
-_PERPLEXITY_PLOT = "hf-align plot_layer_perplexity"
-
-
 def plot_layer_perplexity(curves: dict[str, list[float]], path: str | os.PathLike,
                           title: str = "Perplexity through the shared LM head"):
     """Line plot of held-out perplexity after every block (log scale; one curve per model/recipe); saves a PNG."""
-    from matplotlib.figure import Figure
+    return plot_layer_curves(curves, path, "perplexity", title, log=True,
+                             xlabel="block l (final norm + LM head after it)")
 
-    fig = Figure(figsize=(5, 3.2), dpi=120)
-    ax = fig.subplots()
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("block l (final norm + LM head after it)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, metadata={"Software": _PLOT_SOFTWARE})
-    return os.fspath(path)
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
 
 
 def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, speculative: dict | None,
@@ -435,10 +423,9 @@ def _lm_card_lines(output_dir, model, num_layers: int, log_history, repo: str, s
             values.append(ppl)
             greedy = metrics.get(f"eval_layer_{layer}_greedy_acceptance")
             sampling = metrics.get(f"eval_layer_{layer}_sampling_acceptance")
-            cell = lambda v: "" if v is None else f"{100 * v:.1f}%"  # noqa: E731
             lines.append(f"| {layer} | {'' if ppl is None else f'{ppl:.2f}'} | "
-                         f"{cell(greedy) if layer < num_layers else '(verifies)'} | "
-                         f"{cell(sampling) if layer < num_layers else '(verifies)'} |")
+                         f"{_percent(greedy) if layer < num_layers else '(verifies)'} | "
+                         f"{_percent(sampling) if layer < num_layers else '(verifies)'} |")
         if all(v is not None for v in values):
             os.makedirs(output_dir, exist_ok=True)
             plot = next((name for name in ("layer_perplexity.png", "layer_perplexity_hf_align.png")
@@ -549,14 +536,7 @@ def aligned_model_card(output_dir, model, layer_view, log_history, recipe: dict,
     lines += ["", "## Recipe", "", "| setting | value |", "| --- | --- |"]
     lines += [f"| {k} | `{v}` |" for k, v in recipe.items()]
     lines += [""] + usage_snippet(layer_view.task, repo if repo is not None else os.fspath(output_dir),
-                                  folder=output_dir, peft=peft,
-                                  threshold=None if layer_view.task == "causal-lm" else 0.9)
-    if layer_view.task == "causal-lm" and not peft and os.path.isdir(os.path.join(output_dir, "custom_generate")):
-        generation = getattr(model, "generation_config", None)
-        lines += custom_generate_card_lines(repo if repo is not None else os.fspath(output_dir),
-                                            getattr(generation, EXIT_LAYER_KEY, None),
-                                            getattr(generation, NUM_DRAFT_KEY, None))
-        data.tags = list(dict.fromkeys([*(data.tags or []), "custom_generate"]))
+                                  folder=output_dir, peft=peft)
     return write_card(output_dir, data, f"{type(model).__name__} trained with aligned loss", lines, force=force)
 
 

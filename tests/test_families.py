@@ -28,6 +28,7 @@ from tiny_models import (
     DECODER_FAMILIES,
     ENCODER_CLASSES,
     ENCODER_FAMILIES,
+    left_padded_prompts,
     tiny_decoder,
     tiny_encoder,
     tiny_model,
@@ -56,15 +57,7 @@ SLOW_PARAMS = [pytest.param(f, marks=[] if f in ("gemma3", "qwen3-moe", "opt") e
                for f in DECODERS]
 
 
-def _prompts(batch, vocab=99):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, vocab, (4, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    mask[2, :4] = 0
-    mask[3, :1] = 0
-    ids[mask == 0] = 0  # left padding with pad id 0
-    return ids[:batch], mask[:batch]
+_prompts = left_padded_prompts
 
 
 def _generate(model, ids, mask, new=10):

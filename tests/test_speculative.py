@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
-from tiny_models import tiny_config, tiny_model
+from tiny_models import left_padded_prompts, tiny_config, tiny_model
 
 import hf_align
 from hf_align.generation import speculative_acceptance, speculative_generate, speculative_sample
@@ -26,15 +26,7 @@ def _decoder(family, class_name, seed=0):
     return model.double()  # float64: no near-tie can flip an argmax
 
 
-def _prompts(batch):
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, 99, (4, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    mask[2, :4] = 0
-    mask[3, :1] = 0
-    ids[mask == 0] = 0  # left padding with pad id 0
-    return ids[:batch], mask[:batch]
+_prompts = left_padded_prompts
 
 
 @pytest.fixture(scope="module", params=DECODERS, ids=[d[0] for d in DECODERS])

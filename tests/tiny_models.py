@@ -173,3 +173,15 @@ def tiny_model(family: str, class_name: str, seed: int = 0, **overrides):
     config = tiny_config(family, **overrides)
     model = getattr(T, class_name)(config)
     return model.eval()
+
+
+def left_padded_prompts(batch: int, vocab: int = 99):
+    """Up to 4 prompts of 7 tokens, left-padded with id 0 to ragged lengths 7, 5, 3, 6: (ids, attention_mask)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, vocab, (4, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    mask[2, :4] = 0
+    mask[3, :1] = 0
+    ids[mask == 0] = 0  # left padding with pad id 0
+    return ids[:batch], mask[:batch]

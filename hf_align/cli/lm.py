@@ -289,8 +289,9 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
 
     from transformers import default_data_collator
 
+    from ..hub import plot_layer_curves
     from ..trainers import AlignedTrainer
-    from .reports import plot_layer_curves, write_report
+    from .reports import write_report
 
     config = checked[0]
     name = model_args.model_name_or_path

@@ -6,7 +6,7 @@ import json
 import math
 import os
 
-__all__ = ["collapse_markdown", "finite", "layer_accuracy_markdown", "matrix_markdown", "plot_layer_curves", "write_report"]
+__all__ = ["collapse_markdown", "finite", "layer_accuracy_markdown", "matrix_markdown", "write_report"]
 
 
 def finite(x):
@@ -31,29 +31,6 @@ def write_report(folder: str, title: str, sections: list[str], data: dict) -> No
         f.write(f"# {title}\n\n" + "\n\n".join(sections) + "\n")
     with open(os.path.join(folder, "report.json"), "w", encoding="utf-8") as f:
         json.dump(finite(data), f, indent=2)
-
-
-def plot_layer_curves(curves: dict[str, list[float]], path: str, ylabel: str, title: str, log: bool = False,
-                      percent: bool = False, xlabel: str = "block l") -> str:
-    """One line per curve over layers 1..len(curve) (matplotlib Agg canvas, no global backend change); saves a PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 3.2), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for name, values in curves.items():
-        ax.plot(range(1, len(values) + 1), [100 * v for v in values] if percent else values, marker="o", label=name)
-    if log:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"{ylabel} (%)" if percent else ylabel)
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def matrix_markdown(matrix, labels) -> str:

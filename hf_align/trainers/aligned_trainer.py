@@ -359,34 +359,34 @@ class AlignedTrainer(Trainer):
             flat = keep.reshape(-1).nonzero().squeeze(1)  # positions of the scored tokens in (B*T)
             sample, targets = flat // keep.shape[1], shifted.reshape(-1)[flat]
             size = self.args.lm_loss_chunk_size
-            corrects, losses, agreements, acceptances = [], [], [], []
-            for layer, h in enumerate(hidden, start=1):
-                correct = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
-                loss = torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device)
-                agree, accept = torch.zeros_like(loss), torch.zeros_like(loss)
-                for start in range(0, flat.shape[0], size):
-                    part = flat[start:start + size]
-                    last = logits.reshape(-1, logits.shape[-1]).index_select(0, part)
-                    if layer == self.num_layers:
+            L = self.num_layers
+            # per layer and sample: correct predictions, NLL sum, greedy agreement and sampling overlap with block L
+            corrects, losses, agreements, acceptances = (
+                [torch.zeros(keep.shape[0], dtype=torch.float64, device=logits.device) for _ in range(L)]
+                for _ in range(4))
+            flat_logits = logits.reshape(-1, logits.shape[-1])
+            for start in range(0, flat.shape[0], size):
+                part = flat[start:start + size]
+                rows_of = sample[start:start + size]
+                last = flat_logits.index_select(0, part)  # the last block's logits, once per chunk for every exit
+                last_top, last_p = last.argmax(-1), last.double().softmax(-1)
+                t = targets[start:start + size].to(last.device)
+                for layer, h in enumerate(hidden, start=1):
+                    if layer == L:
                         lg = last
                     else:
                         rows_h = h.reshape(-1, h.shape[-1]).index_select(0, part.to(h.device))
-                        lg = self.layer_view.head(rows_h.unsqueeze(0), HeadContext()).squeeze(0)
-                    t = targets[start:start + size].to(lg.device)
-                    rows_of = sample[start:start + size]
+                        lg = self.layer_view.head(rows_h.unsqueeze(0), HeadContext()).squeeze(0).to(last.device)
+                    i = layer - 1
                     ce = F.cross_entropy(lg.float(), t, reduction="none").double()
-                    loss.index_add_(0, rows_of, ce.to(loss.device))
-                    correct.index_add_(0, rows_of, (lg.argmax(-1) == t).double().to(loss.device))
+                    losses[i].index_add_(0, rows_of, ce.to(logits.device))
+                    top = lg.argmax(-1)
+                    corrects[i].index_add_(0, rows_of, (top == t).double().to(logits.device))
                     # draft acceptance of this exit against the last block: greedy, argmax_l = argmax_L; sampling at
                     # T = 1, sum_v min(p_l(v), p_L(v)) (the chance that one drafted token is accepted)
-                    last = last.to(lg.device)
-                    agree.index_add_(0, rows_of, (lg.argmax(-1) == last.argmax(-1)).double().to(loss.device))
-                    overlap = torch.minimum(lg.double().softmax(-1), last.double().softmax(-1)).sum(-1)
-                    accept.index_add_(0, rows_of, overlap.to(loss.device))
-                corrects.append(correct)
-                losses.append(loss)
-                agreements.append(agree)
-                acceptances.append(accept)
+                    agreements[i].index_add_(0, rows_of, (top == last_top).double().to(logits.device))
+                    overlap = torch.minimum(lg.double().softmax(-1), last_p).sum(-1)
+                    acceptances[i].index_add_(0, rows_of, overlap.to(logits.device))
             rows = corrects + losses + [count] + agreements + acceptances
         else:
             single = self._problem_type(labels) == "single_label_classification"
