@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from tiny_models import tiny_model
+from tiny_models import DECODER_FAMILIES, tiny_decoder, tiny_model
 
 from hf_align import AlignedTrainer, AlignedTrainingArguments
 from hf_align.trainers.curricula import layer_dropout_mask, layer_dropout_probs
@@ -268,6 +268,30 @@ def test_skipping_equals_the_pruned_model_in_values_and_gradients(family, cls, s
     for n, g in zip(names, grads):
         torch.testing.assert_close(g if g is not None else torch.zeros_like(ref[n]), ref[n], rtol=1e-4, atol=1e-6)
     assert not any(hasattr(vars(b), "forward") or "forward" in vars(b) for b in block_list(model))  # restored
+
+
+@pytest.mark.parametrize("family", sorted(DECODER_FAMILIES))
+def test_skipping_rows_equals_running_every_row_in_every_decoder_family(family):
+    """A left-padded ragged batch, rows skipping different blocks: the block run on the kept rows only gives the
+    values of the block run on every row with the skipped rows' outputs replaced (itself checked against the pruned
+    model above), for every registered decoder family (NaN where the plain model itself gives NaN)."""
+    from hf_align.layers import LayerView
+    from hf_align.trainers.curricula import skipping_blocks
+
+    model = tiny_decoder(family).eval()
+    view = LayerView(model)
+    ids = torch.randint(1, 99, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    skip = torch.zeros(view.num_layers, 3, dtype=torch.bool)
+    skip[1, [0, 2]] = True
+    skip[-1, 1] = True
+    with torch.no_grad():
+        out = {}
+        for compute in (True, False):
+            with skipping_blocks(view.blocks, skip, skip_compute=compute):
+                out[compute] = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    torch.testing.assert_close(out[True], out[False], rtol=1e-9, atol=1e-9, equal_nan=True)
 
 
 def _pruned_name(name: str) -> str | None:

@@ -87,9 +87,10 @@ def skipping_blocks(blocks: Sequence[torch.nn.Module], mask: torch.Tensor, skip_
     the batch as its first dimension (the 4-D attention mask, per-row position ids / rotary tables) is cut to the
     same rows. A skipped row never enters the block, so its compute is saved; its hidden state and gradient
     bypass the block exactly. Where a block argument cannot be cut by rows (a KV cache, a flex-attention block
-    mask) or with ``skip_compute=False`` (mixture-of-experts models, whose load-balancing loss needs every
-    row's router logits), the block runs on the whole batch and the skipped rows' outputs are replaced by their
-    inputs (``torch.where``): the same values, no compute saved.
+    mask, a batch folded into another dimension such as BLOOM's ALiBi bias) or with ``skip_compute=False``
+    (mixture-of-experts models, whose load-balancing loss needs every row's router logits), the block runs on the
+    whole batch and the skipped rows' outputs are replaced by their inputs (``torch.where``): the same values, no
+    compute saved.
     """
     saved = []
 
@@ -101,13 +102,15 @@ def skipping_blocks(blocks: Sequence[torch.nn.Module], mask: torch.Tensor, skip_
             hidden_in = args[0] if args else kwargs["hidden_states"]
             batch = hidden_in.shape[0]
             keep = (~skip).nonzero().squeeze(1)
-            if skip_compute and keep.numel() > 0:
+            if skip_compute and keep.numel() > 0 and blocks[index] not in _CANNOT_CUT:
                 try:
                     cut_args, cut_kwargs = _rows(tuple(args), keep, batch), _rows(list(kwargs.values()), keep, batch)
-                except TypeError:
-                    cut_args = None
-                if cut_args is not None:
                     out = forward(*cut_args, **dict(zip(kwargs, cut_kwargs)))
+                except (TypeError, RuntimeError):
+                    # an argument holds the batch in another layout (BLOOM's ALiBi bias is (batch * heads, 1, T)):
+                    # this block runs every row from now on; a real error raises again in the full call below
+                    _CANNOT_CUT[blocks[index]] = True
+                else:
                     _RETURNS_TENSOR[blocks[index]] = isinstance(out, torch.Tensor)
                     kept_out = out if isinstance(out, torch.Tensor) else out[0]
                     new = hidden_in.to(kept_out.dtype).index_copy(0, keep.to(kept_out.device), kept_out)
@@ -143,6 +146,8 @@ def skipping_blocks(blocks: Sequence[torch.nn.Module], mask: torch.Tensor, skip_
 # per block: whether its forward returns the hidden state as a tensor (transformers 5 decoder layers) or as a tuple
 # (older blocks); read from the return annotation, else learnt from the block's first call
 _RETURNS_TENSOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# blocks whose arguments could not be cut by rows: they run every row (same values, no compute saved)
+_CANNOT_CUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _annotated_kind(block: torch.nn.Module) -> bool | None:
