@@ -24,7 +24,7 @@ centered means M~ = [mu_k - mu_G]_k (K x d); classifier rows w_k (W is K x d).
 
 Package layout: ``statistics`` (:class:`ClassStatistics`), ``passes`` (blocked K x K passes), ``nc`` (NC1-NC4,
 GNC3, Tammes, :func:`collapse_metrics`), ``gnc2`` (certified GNC2), ``report`` (:func:`collapse_report`),
-``plots``.
+``plots``, ``tokens`` (:func:`token_collapse_report`: causal LMs, the vocabulary as the classes).
 
 Features of any size are measured without holding them: :class:`ClassStatistics` accumulates counts,
 means and the within-class scatter over batches in float64 with per-class shifts, merges, and reduces
@@ -52,6 +52,7 @@ from .nc import (
 from .plots import plot_collapse_progression
 from .report import FEATURES, CollapseReport, UndefinedCollapseWarning, collapse_report
 from .statistics import ClassStatistics
+from .tokens import WEIGHTINGS, TokenCollapseReport, cdnv, token_collapse_report, token_targets
 
 __all__ = [
     "ClassStatistics",
@@ -75,4 +76,9 @@ __all__ = [
     "UndefinedCollapseWarning",
     "FEATURES",
     "plot_collapse_progression",
+    "TokenCollapseReport",
+    "token_collapse_report",
+    "token_targets",
+    "cdnv",
+    "WEIGHTINGS",
 ]

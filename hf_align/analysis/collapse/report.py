@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,9 +40,11 @@ from ...data import (
 )
 from ...layers import eval_mode
 from ..pooling import pool
-from ..similarity import default_constant_rtol, feature_varies
+from ..similarity import default_constant_rtol
 from .nc import collapse_metrics, gnc3, nc3_papyan, nc3_zhu, ncc_predict
+from .results import CollapseReport, UndefinedCollapseWarning, _undefined_reason
 from .statistics import ClassStatistics
+from .tokens import token_collapse_report
 
 __all__ = ["CollapseReport", "UndefinedCollapseWarning", "collapse_report", "FEATURES"]
 
@@ -52,73 +53,10 @@ _CLASSIFIER_TASKS = ("sequence-classification", "image-classification")
 _NC2_KEYS = ("equinorm", "equiangularity", "cosine_std", "max_cosine", "etf_distance")
 
 
-class UndefinedCollapseWarning(UserWarning):
-    """Some layers' collapse metrics are undefined (constant features, equal class means); they are NaN and
-    listed in ``CollapseReport.undefined_layers``."""
-
-
-@dataclass
-class CollapseReport:
-    """Collapse metrics of the features after every selected layer (0 = embeddings output).
-
-    ``per_layer[i]`` holds the metrics of ``layers[i]`` (``nc1``, ``nc1_papyan``, ``nc2_means_*``, and with a
-    classifier of the feature width ``nc3_papyan``, ``nc3_zhu``, ``gnc3``; ``nc4`` when the model has a head
-    and ``nc4=True``); NaN for the layers in ``undefined_layers`` (reasons in ``undefined_reasons``).
-    ``classifier`` holds the metrics of the head's final linear weight W (``nc2_W_*``, ``tammes_max_cosine``,
-    ``gnc2_margin``), which do not depend on the layer. ``features`` is ``"head"`` or ``"hidden"``;
-    ``pooling`` is ``"head"`` for head features (the head pools as the model does)."""
-
-    layers: list[int]
-    per_layer: list[dict[str, float]]
-    classifier: dict[str, float]
-    num_samples: int
-    num_classes: int
-    pooling: str
-    statistics: list[ClassStatistics] = field(repr=False, default_factory=list)
-    features: str = "hidden"
-    undefined_layers: list[int] = field(default_factory=list)
-    undefined_reasons: dict[int, str] = field(default_factory=dict)
-
-    def series(self, key: str) -> list[float]:
-        return [m.get(key, float("nan")) for m in self.per_layer]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layers": self.layers,
-            "per_layer": self.per_layer,
-            "classifier": self.classifier,
-            "num_samples": self.num_samples,
-            "num_classes": self.num_classes,
-            "pooling": self.pooling,
-            "features": self.features,
-            "undefined_layers": self.undefined_layers,
-            "undefined_reasons": {str(k): v for k, v in self.undefined_reasons.items()},
-        }
-
-
 def _default_pooling(view) -> str:
     from ..collect import default_pooling
 
     return default_pooling(view)
-
-
-def _undefined_reason(stats: ClassStatistics, sumsq: np.ndarray, rtol: float, dtype: torch.dtype) -> str | None:
-    """Why the collapse metrics of one layer are undefined, or None.
-
-    Constant: no column j varies beyond its own rounding (``feature_varies``), with the per-column centred sums
-    N Sigma_T[j, j] = N Sigma_W[j, j] + sum_k n_k (mu_k - mu)_j^2 and the raw sums ``sumsq[j] = sum_i h_ij^2``."""
-    n = stats.counts.astype(np.float64)
-    means = stats.means()
-    mu = (n[:, None] * means).sum(0) / n.sum()
-    total = np.diag(stats.within_class_covariance()) * n.sum() + (n[:, None] * (means - mu) ** 2).sum(0)
-    if not bool(feature_varies(torch.from_numpy(np.maximum(total, 0.0)), torch.from_numpy(np.asarray(sumsq, dtype=np.float64)), rtol)):
-        return (
-            f"constant features: their centred part is within the resolution of {str(dtype).replace('torch.', '')} "
-            f"(no feature varies by more than {rtol:.3g} of its own magnitude)"
-        )
-    if not np.any(stats.between_class_covariance()):
-        return "all class means are equal (Sigma_B = 0)"
-    return None
 
 
 @torch.no_grad()
@@ -139,6 +77,9 @@ def collapse_report(
     constant_rtol: float | None = None,
     on_undefined: str = "warn",
     progress: bool = False,
+    min_count: int | None = None,
+    weightings: Sequence[str] | None = None,
+    gnc2_options: dict[str, Any] | None = None,
 ) -> CollapseReport:
     """Neural collapse through depth: the features of every selected layer (see the module docstring) are
     streamed into one :class:`ClassStatistics` per layer (float64); then every metric of
@@ -159,12 +100,29 @@ def collapse_report(
         on_undefined: ``"warn"`` (default; undefined layers get NaN metrics and an
             :class:`UndefinedCollapseWarning`) or ``"raise"`` (ValueError).
 
+    **Causal LMs** (``...ForCausalLM``, with no ``pooling`` / ``num_classes`` / ``labels_key``): the token-level
+    report, :func:`~hf_align.analysis.collapse.token_collapse_report` -- every predicted position is a sample,
+    the next token its class, the LM head's input its feature, W the LM head -- with its options ``min_count``,
+    ``weightings`` and ``gnc2_options``. Pass ``pooling`` and ``num_classes`` for one pooled feature per labelled
+    sequence instead.
+
     Multi-process (``torch.distributed`` initialised): batch i runs on rank ``i % world_size``; the class
     statistics and NC4 counts are summed over ranks, so every rank returns the single-process report.
     """
     from ...layers import LayerView
 
     view = model if isinstance(model, LayerView) else LayerView(model)
+    token_options = {k: v for k, v in (("min_count", min_count), ("weightings", weightings),
+                                       ("gnc2_options", gnc2_options)) if v is not None}
+    if (view.task == "causal-lm" and features in (None, "head") and pooling is None and num_classes is None
+            and labels_key is None):
+        return token_collapse_report(
+            view, data, layers=layers, batch_size=batch_size, gnc2_margin=gnc2_margin, collate_fn=collate_fn,
+            constant_rtol=constant_rtol, on_undefined=on_undefined, progress=progress, **token_options,
+        )
+    if token_options:
+        raise ValueError(f"{', '.join(sorted(token_options))}: for the token-level report of a causal LM only "
+                         "(no pooling, num_classes or labels_key)")
     classifier_head = view.has_head and view.task in _CLASSIFIER_TASKS
     if features is None:  # an explicit pooling means pooled hidden states (what it always meant)
         features = "head" if classifier_head and pooling is None else "hidden"

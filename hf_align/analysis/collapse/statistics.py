@@ -19,12 +19,15 @@ class ClassStatistics:
     Shifted sums avoid cancellation: each class k keeps a fixed shift c_k (the first sample of k that was
     seen), and the accumulator holds
 
-        n_k,   S_k = sum_{i: y_i = k} (h_i - c_k)   (K x d),   Q = sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T  (d x d).
+        n_k,   S_k = sum_{i: y_i = k} (h_i - c_k)   (K x d),   Q = sum_i (h_i - c_{y_i})(h_i - c_{y_i})^T  (d x d),
+        q_k = sum_{i: y_i = k} ||h_i - c_k||^2   (K).
 
     Then mu_k = c_k + S_k / n_k and
     N Sigma_W = sum_k sum_{y_i=k} (h_i - mu_k)(h_i - mu_k)^T = Q - sum_k S_k S_k^T / n_k,
     where both terms are of the size of the within-class spread (not of ||mu_k||^2), so perfectly collapsed
-    features give Sigma_W = 0 exactly. Memory is O(K d + d^2), independent of N.
+    features give Sigma_W = 0 exactly; likewise each class's own variance
+sigma_k^2 = (1/n_k) sum_{y_i=k} ||h_i - mu_k||^2 = (q_k - ||S_k||^2 / n_k) / n_k (:meth:`class_variances`).
+Memory is O(K d + d^2), independent of N.
 
     ``merge(other)`` adds another accumulator (re-expressing its sums about this one's shifts);
     ``reduce()`` sums over all processes with ``torch.distributed.all_reduce`` when a process group is
@@ -49,6 +52,7 @@ class ClassStatistics:
         self.shift = np.zeros((K, dim), dtype=np.float64)
         self.sums = np.zeros((K, dim), dtype=np.float64)
         self.scatter = np.zeros((dim, dim), dtype=np.float64)
+        self.sq = np.zeros(K, dtype=np.float64)
 
     # -- accumulation --------------------------------------------------------------------------------------
 
@@ -82,15 +86,18 @@ class ClassStatistics:
         sums.index_add_(0, torch.from_numpy(y), torch.from_numpy(D))
         self.counts += np.bincount(y, minlength=self.num_classes)
         self.scatter += D.T @ D
+        self.sq += np.bincount(y, weights=np.einsum("nd,nd->n", D, D), minlength=self.num_classes)
         return self
 
     def _reshift(self, new_shift: np.ndarray) -> None:
         """Express the sums about ``new_shift`` (K x d): with e_k = c_k - c'_k,
-        S'_k = S_k + n_k e_k and Q' = Q + sum_k (S_k e_k^T + e_k S_k^T + n_k e_k e_k^T)."""
+        S'_k = S_k + n_k e_k, Q' = Q + sum_k (S_k e_k^T + e_k S_k^T + n_k e_k e_k^T) and
+        q'_k = q_k + 2 <S_k, e_k> + n_k ||e_k||^2."""
         e = self.shift - new_shift
         n = self.counts.astype(np.float64)[:, None]
         cross = self.sums.T @ e
         self.scatter += cross + cross.T + (e * n).T @ e
+        self.sq += 2.0 * np.einsum("kd,kd->k", self.sums, e) + n[:, 0] * np.einsum("kd,kd->k", e, e)
         self.sums += n * e
         self.shift = new_shift.copy()
 
@@ -114,6 +121,7 @@ class ClassStatistics:
         self.counts += o.counts
         self.sums += o.sums
         self.scatter += o.scatter
+        self.sq += o.sq
         return self
 
     def copy(self) -> ClassStatistics:
@@ -124,6 +132,32 @@ class ClassStatistics:
             c.shift[:] = self.shift
             c.sums[:] = self.sums
             c.scatter[:] = self.scatter
+            c.sq[:] = self.sq
+        return c
+
+    def restrict(self, classes: Any) -> ClassStatistics:
+        """The statistics of ``classes`` only (a new accumulator of ``len(classes)`` classes, renumbered in the given
+        order). The pooled scatter Q cannot be split by class, so every class left out must have no samples
+        (ValueError otherwise): this drops the classes never seen, e.g. the tokens of a vocabulary that a text
+        does not contain."""
+        idx = np.asarray(classes, dtype=np.int64).reshape(-1)
+        if self.dim is None:
+            raise ValueError("ClassStatistics is empty: call update(features, labels) first")
+        if idx.size and (idx.min() < 0 or idx.max() >= self.num_classes or np.unique(idx).size != idx.size):
+            raise ValueError(f"classes must be distinct ids in [0, {self.num_classes})")
+        left = np.ones(self.num_classes, dtype=bool)
+        left[idx] = False
+        if self.counts[left].any():
+            raise ValueError(
+                f"cannot leave out classes with samples ({int(self.counts[left].sum())} samples in "
+                f"{int(np.count_nonzero(self.counts[left]))} classes): the pooled within-class scatter cannot be split by class"
+            )
+        c = ClassStatistics(int(idx.size), self.dim)
+        c.counts[:] = self.counts[idx]
+        c.shift[:] = self.shift[idx]
+        c.sums[:] = self.sums[idx]
+        c.scatter[:] = self.scatter
+        c.sq[:] = self.sq[idx]
         return c
 
     def reduce(self, group: Any = None) -> ClassStatistics:
@@ -142,7 +176,7 @@ class ClassStatistics:
         total = n.numpy()
         common = np.where(total[:, None] > 0, raw.numpy() / np.maximum(total, 1)[:, None], 0.0)
         self._reshift(common)
-        for arr in (self.sums, self.scatter):
+        for arr in (self.sums, self.scatter, self.sq):
             t = torch.from_numpy(arr)
             dist.all_reduce(t, group=group)
         self.counts = total.round().astype(np.int64)
@@ -169,6 +203,14 @@ class ClassStatistics:
         """Class means mu_k (K x d), float64."""
         self._require()
         return self.shift + self.sums / self.counts[:, None]
+
+    def class_variances(self) -> np.ndarray:
+        """sigma_k^2 = (1/n_k) sum_{y_i = k} ||h_i - mu_k||^2 = tr(Sigma_k) (K,), float64: each class's own
+        spread about its mean (0 for a class of one sample)."""
+        self._require()
+        n = self.counts.astype(np.float64)
+        v = (self.sq - np.einsum("kd,kd->k", self.sums, self.sums) / n) / n
+        return np.maximum(v, 0.0)
 
     def global_mean(self, kind: str = "classes") -> np.ndarray:
         """mu_G: ``"classes"`` = mean of the class means (Zhu, Jiang), ``"samples"`` = mean of all samples
