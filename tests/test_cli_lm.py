@@ -177,6 +177,45 @@ def test_resume_from_checkpoint_equals_an_uninterrupted_run(setup, tmp_path, mon
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_analyze_token_collapse_equals_a_float64_reference(setup, tmp_path, name):
+    """`hf-align analyze` on a causal LM and a .txt file: the LM head is kept, and the report's token-level
+    collapse (next-token classes, the LM head's input as features) equals numpy on the model's own forward."""
+    root, docs, tok = setup
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model_name_or_path", str(root / name), "--dataset_name", str(root / "docs.txt"),
+                 "--block_size", str(BLOCK), "--output_dir", str(out), "--metrics", "cka", "--min_count", "2",
+                 "--disable_tqdm", "true"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    model = T.AutoModelForCausalLM.from_pretrained(root / name, dtype=torch.float64).eval()
+    blocks = ref_blocks(docs, tok, BLOCK)
+    assert report["task"] == "causal-lm" and report["num_blocks"] == len(blocks)
+    col = report["collapse"]
+    with torch.no_grad():
+        out_ = model(input_ids=blocks, output_hidden_states=True)
+    L = model.config.num_hidden_layers
+    norm = model.model.norm if hasattr(model, "model") else model.transformer.ln_f
+    with torch.no_grad():
+        feats = [norm(out_.hidden_states[l]) for l in range(L)] + [out_.hidden_states[L]]  # the last is normed
+    y = blocks[:, 1:].reshape(-1).numpy()
+    counts = np.bincount(y, minlength=len(tok))
+    keep = np.isin(y, np.flatnonzero(counts >= 2))
+    assert col["num_tokens"] == y.size and col["num_samples"] == keep.sum() == col["num_samples"]
+    assert col["num_seen"] == np.count_nonzero(counts >= 2) and col["num_classes"] == model.config.vocab_size
+    for layer in (1, L):
+        X = feats[layer][:, :-1].reshape(-1, feats[layer].shape[-1]).numpy()[keep]
+        yk = y[keep]
+        classes = np.unique(yk)
+        M = np.array([X[yk == k].mean(0) for k in classes])
+        Sw = sum((X[yk == k] - M[i]).T @ (X[yk == k] - M[i]) for i, k in enumerate(classes)) / X.shape[0]
+        Mc = M - M.mean(0)
+        nc1 = np.trace(Sw @ np.linalg.pinv(Mc.T @ Mc / len(classes))) / len(classes)
+        assert col["per_layer"][layer]["nc1"] == pytest.approx(nc1, rel=1e-5)
+    md = (out / "report.md").read_text()
+    assert "Token-level neural collapse through depth" in md and "never seen" in md
+    assert (out / "collapse.png").exists() and (out / "similarity_cka.png").exists()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_evaluate_perplexity_and_acceptance_equal_a_float64_reference(setup, tmp_path, name):
     root, docs, tok = setup
     out = tmp_path / "report"

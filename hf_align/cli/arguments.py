@@ -138,8 +138,12 @@ class AnalyzeArguments:
                                          "cka, debiased_cka, minibatch_cka."})
     pooling: str | None = field(default=None, metadata={"help": "cls, mean, last or tokens; default: the pooling of "
                                                         "the model's own head (cls for encoders, last for decoders)."})
-    collapse: bool = field(default=True, metadata={"help": "Per-layer neural-collapse metrics (NC1-NC4)."})
+    collapse: bool = field(default=True, metadata={"help": "Per-layer neural-collapse metrics (NC1-NC4; causal LMs: "
+                                                   "token-level, the vocabulary as the classes)."})
     batch_size: int = field(default=32, metadata={"help": "Batch size of the forward passes."})
+    min_count: int = field(default=1, metadata={"help": "Causal LMs: tokens with fewer targets in the text are left "
+                                                "out of the collapse metrics (counted in the report)."})
+    disable_tqdm: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
 @dataclass

@@ -34,7 +34,7 @@ from .arguments import (
     ModelArguments,
     SpeculativeProfileArguments,
 )
-from .lm import evaluate_lm, is_lm_task, train_lm
+from .lm import analyze_lm, evaluate_lm, is_lm_task, train_lm
 from .loading import (
     CLIError,
     LabelSpace,
@@ -149,7 +149,8 @@ def cmd_train(model_args: ModelArguments, data_args: DataArguments, args: Aligne
 
 
 def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: AnalyzeArguments) -> int:
-    """Layer similarity (every metric in ``--metrics``, (L+1)x(L+1) with 0 = embeddings) and per-layer collapse."""
+    """Layer similarity (every metric in ``--metrics``, (L+1)x(L+1) with 0 = embeddings) and per-layer collapse;
+    causal LMs: :func:`.lm.analyze_lm` (token-level collapse, the vocabulary as the classes)."""
     import warnings
 
     from ..analysis import UndefinedSimilarityWarning, layer_similarity, rank_correlation
@@ -157,6 +158,8 @@ def cmd_analyze(model_args: ModelArguments, data_args: DataArguments, args: Anal
     from ..layers import LayerView
 
     checked = _check_model(model_args, data_args, need_classifier=False, command="analyze")
+    if is_lm_task(model_args, data_args, checked):
+        return analyze_lm(model_args, data_args, args, checked)
     data = load_raw_dataset(data_args)
     raw = evaluation_split(data, data_args.dataset_test_split, data_args.max_eval_samples)
     model, processor, modality, space, (encoded,) = _prepare(model_args, data_args, checked, [raw], 0)

@@ -1,4 +1,4 @@
-"""``hf-align train`` / ``evaluate`` for causal language models: documents -> packed token blocks -> aligned
+"""``hf-align train`` / ``evaluate`` / ``analyze`` for causal language models: documents -> packed token blocks -> aligned
 next-token training (the model's own LM head after every block, never replaced) and a layer-wise report.
 
 Text comes from a ``.txt`` file (one document per line, blank lines skipped), a ``.jsonl`` / ``.json`` /
@@ -29,7 +29,7 @@ from .loading import (
     select_split,
 )
 
-__all__ = ["evaluate_lm", "is_lm_task", "train_lm"]
+__all__ = ["analyze_lm", "evaluate_lm", "is_lm_task", "train_lm"]
 
 
 # ---------------------------------------------------------------------------------------------- what is an LM
@@ -364,4 +364,68 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
     if profile is not None:
         print(f"self-speculative decoding, recommended: {recommendation_text(profile.recommended)}")
     print(f"report: {os.path.join(args.output_dir, 'report.md')}", file=sys.stdout)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- analyze
+
+
+
+def analyze_lm(model_args: ModelArguments, data_args: DataArguments, args, checked) -> int:
+    """Layer similarity over every token (``tokens`` pooling unless ``--pooling``) and token-level neural collapse
+    through depth (the vocabulary as the classes: :func:`hf_align.analysis.collapse.token_collapse_report`) of a
+    causal LM on packed text blocks -> report.md, report.json, PNGs in ``--output_dir``."""
+    import warnings
+
+    from ..analysis import UndefinedSimilarityWarning, layer_similarity
+    from ..analysis.collapse import collapse_report, plot_collapse_progression
+    from .reports import matrix_markdown, token_collapse_markdown, write_report
+
+    config = checked[0]
+    name = model_args.model_name_or_path
+    check_block_size(data_args, config, name)
+    tokenizer = load_processor(model_args, "text")
+    data = load_text_dataset(data_args)
+    raw = evaluation_split(data, data_args.dataset_test_split)
+    split = data_args.dataset_test_split if data_args.dataset_test_split in data else list(data)[0]
+    docs = _subset(documents(raw, data_args.text_column, split), data_args.max_eval_samples, 0, "--max_eval_samples")
+    blocks = pack(docs, tokenizer, data_args.block_size, "analysis", int(config.vocab_size))
+    model = load_causal_lm(model_args, config).eval()
+    L = int(model.config.num_hidden_layers)
+    pooling = args.pooling or "tokens"
+    os.makedirs(args.output_dir, exist_ok=True)
+    inputs = blocks.remove_columns([c for c in blocks.column_names if c == "labels"])
+    sections = [f"Model: `{name}` ({type(model).__name__}, {L} blocks); data: `{data_args.dataset_name}` split "
+                f"`{split}`, {len(docs)} documents -> {len(blocks)} blocks of {data_args.block_size} tokens; "
+                f"similarity pooling: {pooling}."]
+    report: dict[str, Any] = {"model": name, "dataset": data_args.dataset_name, "split": split, "task": "causal-lm",
+                              "num_documents": len(docs), "num_blocks": len(blocks), "block_size": data_args.block_size,
+                              "pooling": pooling, "similarity": {}}
+    names = [str(k) for k in range(L + 1)]
+    for metric in args.metrics:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UndefinedSimilarityWarning)
+            sim = layer_similarity(model, inputs, metric=metric, pooling=pooling, batch_size=args.batch_size)
+        path = f"similarity_{metric}.png"
+        sim.plot(os.path.join(args.output_dir, path))
+        report["similarity"][metric] = {"matrix": sim.matrix, "undefined_layers": sim.undefined_layers}
+        sections.append(f"## Layer similarity: {metric} (0 = embeddings)\n\n![{metric}]({path})\n\n"
+                        + matrix_markdown(sim.matrix, names)
+                        + (f"\n\nUndefined (constant features): {', '.join(sim.undefined_layers)}." if caught else ""))
+        print(f"{metric}: {path}")
+    if args.collapse:
+        result = collapse_report(model, blocks, batch_size=args.batch_size, min_count=args.min_count,
+                                 progress=not args.disable_tqdm)
+        plot_collapse_progression(result, os.path.join(args.output_dir, "collapse.png"))
+        sections.append(
+            f"## Token-level neural collapse through depth (classes = the next token; layers 0..{L})\n\n"
+            f"{result.num_tokens} target tokens of {result.num_classes} vocabulary classes: {result.num_seen} classes "
+            f"with at least {result.min_count} targets are measured, {result.num_rare} rarer ones and "
+            f"{result.num_unseen} never seen are left out. Features: the LM head's input (final norm applied) after "
+            "each block; W: the LM head. Definitions: docs/collapse.md (Token-level collapse).\n\n"
+            "![collapse](collapse.png)\n\n" + token_collapse_markdown(result))
+        report["collapse"] = result.to_dict()
+        print("collapse: collapse.png")
+    write_report(args.output_dir, "hf-align analyze", sections, report)
+    print(f"report: {os.path.join(args.output_dir, 'report.md')}")
     return 0

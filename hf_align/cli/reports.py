@@ -52,3 +52,15 @@ def collapse_markdown(result) -> str:
     rows += [f"| {layer} | " + " | ".join(f"{m[k]:.4g}" for k in keys) + " |"
              for layer, m in zip(result.layers, result.per_layer)]
     return "\n".join(rows)
+
+
+def token_collapse_markdown(result) -> str:
+    """The main token-level collapse metrics (balanced, and frequency-weighted ``_freq``) one row per layer, and the
+    LM head's margins."""
+    keys = [k for k in ("nc1", "nc1_freq", "cdnv", "cdnv_freq", "gnc2_means_margin", "gnc2_means_margin_mean",
+                        "gnc3", "gnc3_freq", "equinorm") if any(k in m for m in result.per_layer)]
+    rows = ["| layer | " + " | ".join(keys) + " |", "| ---: |" + " ---: |" * len(keys)]
+    rows += [f"| {layer} | " + " | ".join(f"{m.get(k, float('nan')):.4g}" for k in keys) + " |"
+             for layer, m in zip(result.layers, result.per_layer)]
+    head = ", ".join(f"{k} {v:.4g}" for k, v in result.classifier.items())
+    return "\n".join(rows) + (f"\n\nLM head: {head}." if head else "")

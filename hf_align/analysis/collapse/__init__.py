@@ -52,7 +52,7 @@ from .nc import (
 from .plots import plot_collapse_progression
 from .report import FEATURES, CollapseReport, UndefinedCollapseWarning, collapse_report
 from .statistics import ClassStatistics
-from .tokens import WEIGHTINGS, TokenCollapseReport, cdnv, token_collapse_report, token_targets
+from .tokens import WEIGHTINGS, TokenCollapseReport, cdnv, token_collapse_metrics, token_collapse_report, token_targets
 
 __all__ = [
     "ClassStatistics",
@@ -78,6 +78,7 @@ __all__ = [
     "plot_collapse_progression",
     "TokenCollapseReport",
     "token_collapse_report",
+    "token_collapse_metrics",
     "token_targets",
     "cdnv",
     "WEIGHTINGS",

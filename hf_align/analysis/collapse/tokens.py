@@ -71,7 +71,7 @@ from .nc import tammes
 from .results import CollapseReport, UndefinedCollapseWarning, _undefined_reason
 from .statistics import ClassStatistics
 
-__all__ = ["TokenCollapseReport", "token_collapse_report", "token_targets", "cdnv", "WEIGHTINGS"]
+__all__ = ["TokenCollapseReport", "token_collapse_report", "token_collapse_metrics", "token_targets", "cdnv", "WEIGHTINGS"]
 
 WEIGHTINGS = ("balanced", "frequency")
 _SUFFIX = {"balanced": "", "frequency": "_freq"}
@@ -236,6 +236,60 @@ def _classifier_metrics(W: np.ndarray, seen: np.ndarray, counts: np.ndarray, gnc
         n = counts[seen].astype(np.float64)
         out.update(gnc2_W_seen_margin=float(sub.margin), gnc2_W_seen_margin_mean=float(sub.margins.mean()),
                    gnc2_W_seen_margin_mean_freq=float(n @ sub.margins / n.sum()))
+    return out
+
+
+def token_collapse_metrics(
+    features: Any,
+    targets: Any,
+    W: Any = None,
+    *,
+    num_classes: int | None = None,
+    min_count: int = 1,
+    weightings: Sequence[str] = WEIGHTINGS,
+    gnc2_margin: bool = True,
+    gnc2_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """The token-level metrics of one layer (module docstring) from features already in hand: ``features``
+    (n, d), ``targets`` (n,) token ids (-100 = no target), optional head ``W`` (K x d). Classes with fewer than
+    ``min_count`` targets are left out; ``num_seen`` / ``num_rare`` / ``num_unseen`` count them (K =
+    ``num_classes``, default W's rows or max(targets) + 1). What :func:`token_collapse_report` computes per layer,
+    for the ``evaluate`` module."""
+    X = np.asarray(features, dtype=np.float64)
+    y = np.asarray(targets, dtype=np.int64).reshape(-1)
+    if X.ndim != 2 or X.shape[0] != y.size:
+        raise ValueError(f"features must be (n, d) with one target per row; got {X.shape} and {y.size} targets")
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    weightings = tuple(weightings)
+    if not weightings or any(w not in WEIGHTINGS for w in weightings):
+        raise ValueError(f"weightings must be a non-empty subset of {WEIGHTINGS}, got {weightings!r}")
+    Wm = None if W is None else np.asarray(W, dtype=np.float64)
+    keep = y != IGNORE_INDEX
+    X, y = X[keep], y[keep]
+    K = int(num_classes if num_classes is not None else (Wm.shape[0] if Wm is not None else (y.max() + 1 if y.size else 0)))
+    if y.size and (y.min() < 0 or y.max() >= K):
+        raise ValueError(f"targets must lie in [0, {K}) or be -100; got {int(y.min())}..{int(y.max())}")
+    counts = np.bincount(y, minlength=K)
+    seen = np.flatnonzero(counts >= min_count)
+    if seen.size < 2:
+        raise ValueError(f"only {seen.size} token(s) occur at least min_count={min_count} times as targets: need 2 classes")
+    remap = np.full(K, -1, dtype=np.int64)
+    remap[seen] = np.arange(seen.size)
+    inside = remap[y] >= 0
+    stats = ClassStatistics(int(seen.size), X.shape[1]).update(X[inside], remap[y[inside]])
+    Ws = None
+    if Wm is not None:
+        if Wm.shape != (K, X.shape[1]):
+            raise ValueError(f"W must be (num_classes, d) = ({K}, {X.shape[1]}), got {Wm.shape}")
+        Ws = Wm[seen]
+    gnc2_options = dict(gnc2_options or {})
+    out = _layer_metrics(stats, Ws, weightings, gnc2_options)
+    if Wm is not None:
+        out.update(_classifier_metrics(Wm, seen, counts, gnc2_margin, gnc2_options))
+    out.update(num_tokens=float(y.size), num_samples=float(inside.sum()), num_seen=float(seen.size),
+               num_rare=float(np.count_nonzero((counts > 0) & (counts < min_count))),
+               num_unseen=float(np.count_nonzero(counts == 0)))
     return out
 
 
