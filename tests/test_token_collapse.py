@@ -300,3 +300,15 @@ def test_two_processes_equal_one(tmp_path):
             for key, value in b.items():
                 assert a[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
         assert two["classifier"] == pytest.approx(one.classifier, rel=1e-12)
+
+
+def test_a_one_shot_stream_is_read_once_and_equals_a_list():
+    """With min_count=1 a generator is read once (statistics over the whole vocabulary, then the seen classes kept);
+    a list is counted first and allocated for the seen classes only: the same report."""
+    model = make_model("qwen3")
+    batches = make_batches(2)
+    listed = collapse_report(model, batches, gnc2_margin=False)
+    streamed = collapse_report(model, (b for b in batches), gnc2_margin=False)
+    np.testing.assert_array_equal(listed.seen_classes, streamed.seen_classes)
+    for a, b in zip(listed.per_layer, streamed.per_layer):
+        assert a == pytest.approx(b, rel=1e-10)

@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -318,9 +318,10 @@ def token_collapse_report(
             a list of ``{"input_ids": ...}`` examples, a DataLoader, an iterable of batch dicts), with
             ``attention_mask`` where there is padding and optionally ``labels`` (-100 = no target).
         layers: which layers (0 = embeddings .. L); default all.
-        min_count: classes with fewer target tokens are left out of every metric (counted in the report);
-            ``min_count > 1`` counts the targets in a first pass over ``data`` (labels only, no forward), so
-            ``data`` must be re-iterable. Without it, the statistics are kept for the seen classes only.
+        min_count: classes with fewer target tokens are left out of every metric (counted in the report). The
+            targets are counted in a first pass over ``data`` (labels only, no forward) so that the statistics
+            are allocated for the kept classes only; with ``min_count > 1`` ``data`` must therefore be
+            re-iterable (a one-shot iterator with ``min_count=1`` is read once, with O(K d) statistics).
         weightings: ``"balanced"`` (the paper's: every class alike) and/or ``"frequency"`` (keys ``*_freq``).
         gnc2_margin: also the GNC2 margins of W (the whole vocabulary: K one-vs-rest problems).
         gnc2_options: keyword arguments for every :func:`gnc2` call (e.g. ``tol``, ``progress``).
@@ -354,6 +355,19 @@ def token_collapse_report(
     dev = view.device
     pad = pad_token_id(view.hf_model)
 
+    def checked_targets(batch) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+            raise ValueError(f"each batch must hold input_ids (token-level collapse of a causal LM); got {keys}")
+        inputs = {k: torch.as_tensor(v) if k in ("input_ids", "attention_mask") and not isinstance(v, torch.Tensor) else v
+                  for k, v in batch.items() if k not in ("labels", "label", "label_ids")}
+        targets, valid = token_targets(inputs, batch.get("labels"))
+        t = targets[valid]
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= K):
+            raise ValueError(f"target token ids must lie in [0, {K}) (the LM head's rows) or be -100; got "
+                             f"{int(t.min())}..{int(t.max())}")
+        return inputs, targets.cpu(), valid.cpu()
+
     def batches(desc: str):
         it, total = iter_batches(data, batch_size, collate_fn=collate_fn, pad_token_id=pad)
         if progress:
@@ -361,18 +375,8 @@ def token_collapse_report(
 
             it = tqdm(it, total=total, desc=desc, disable=rank != 0)
         for batch in it:
-            if not isinstance(batch, dict) or "input_ids" not in batch:
-                keys = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-                raise ValueError(f"each batch must hold input_ids (token-level collapse of a causal LM); got {keys}")
-            labels = batch.get("labels")
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "label", "label_ids")}
-            inputs = {k: torch.as_tensor(v) if not isinstance(v, torch.Tensor) and k in ("input_ids", "attention_mask") else v
-                      for k, v in inputs.items()}
-            targets, valid = token_targets(inputs, labels)
-            t = targets[valid]
-            if t.numel() and (int(t.min()) < 0 or int(t.max()) >= K):
-                raise ValueError(f"target token ids must lie in [0, {K}) (the LM head's rows) or be -100; got {int(t.min())}..{int(t.max())}")
-            yield to_device(inputs, dev), targets.cpu(), valid.cpu()
+            inputs, targets, valid = checked_targets(batch)
+            yield to_device(inputs, dev), targets, valid
 
     def all_sum(a: np.ndarray) -> np.ndarray:
         if world == 1:
@@ -381,18 +385,20 @@ def token_collapse_report(
         torch.distributed.all_reduce(t)
         return t.numpy()
 
-    # S known up front (min_count > 1): one labels-only pass; statistics are then kept for S only
+    # S known up front: one labels-only pass (cheap: no forward), so that the statistics are allocated for S only
+    # (O(|S| d) per layer instead of O(K d)); needed for min_count > 1, skipped for a one-shot iterator otherwise
     remap = None
-    if min_count > 1:
+    if min_count > 1 or not isinstance(data, Iterator):
         require_reiterable(data, "min_count > 1 (the targets are counted first)")
         counts = np.zeros(K, dtype=np.int64)
         it, _ = iter_batches(data, batch_size, collate_fn=collate_fn, pad_token_id=pad)
         for batch in it:
-            inputs = {k: torch.as_tensor(batch[k]) for k in ("input_ids", "attention_mask") if k in batch}
-            targets, valid = token_targets(inputs, batch.get("labels"))
+            _, targets, valid = checked_targets(batch)
             counts += np.bincount(targets[valid].reshape(-1).numpy(), minlength=K)
         counts = all_sum(counts.astype(np.float64)).round().astype(np.int64)
         keep = np.flatnonzero(counts >= min_count)
+        if counts.sum() == 0:
+            raise ValueError("no target tokens: every position is padding or -100 (or data is empty)")
         if keep.size < 2:
             raise ValueError(f"only {keep.size} token(s) occur at least min_count={min_count} times as targets: need 2 classes")
         remap = np.full(K, -1, dtype=np.int64)
