@@ -15,7 +15,7 @@ import torch
 from tiny_models import tiny_decoder, tiny_model
 
 from hf_align import collapse_report
-from hf_align.analysis.collapse import TokenCollapseReport, token_collapse_report
+from hf_align.analysis.collapse import TokenCollapseReport, gnc2, token_collapse_report
 
 # the final norm (and OPT's projection) each family applies before its LM head, written out by hand
 NORMS = {
@@ -147,7 +147,10 @@ def test_token_statistics_and_metrics_equal_a_float64_reference(family):
                 assert rep.per_layer[layer][key + sfx] == pytest.approx(ref[key + sfx], rel=1e-7), (layer, key + sfx)
         assert rep.per_layer[layer]["coincident_mean_pairs"] == ref["coincident_mean_pairs"]
         coincide.append(ref["coincident_mean_pairs"])
-        assert 0 <= rep.per_layer[layer]["gnc2_means_margin"] <= rep.per_layer[layer]["gnc2_means_margin_median"]
+        # the margins of the unit centered means (gnc2 itself is checked against known geometry in test_collapse)
+        margins = gnc2(ref["means"] - ref["means"].mean(0)).margins
+        assert rep.per_layer[layer]["gnc2_means_margin"] == pytest.approx(margins.min(), abs=1e-6)
+        assert rep.per_layer[layer]["gnc2_means_margin_mean_freq"] == pytest.approx(ref["counts"] @ margins / y.size, abs=1e-6)
     # Llama / Qwen3 / OPT's embedding output depends on the token alone: tokens that only follow one same token
     # share a mean there (left out of CDNV); GPT-2 adds position embeddings
     assert (coincide[0] > 0) == (family != "gpt2") and not any(coincide[1:])
@@ -231,8 +234,6 @@ def test_min_count_and_weightings():
 
 
 def test_classifier_margins_and_bad_input():
-    from hf_align.analysis.collapse import gnc2
-
     model = make_model("gpt2")
     batches = make_batches()
     rep = collapse_report(model, batches)

@@ -32,7 +32,7 @@ With mu_k the class means, mu_G = sum_k pi_k mu_k and mu~_k = mu_k - mu_G, per l
 * ``mean_norm`` = sum_k pi_k ||mu~_k|| and ``equinorm`` = its pi-weighted coefficient of variation
   sqrt(sum_k pi_k (||mu~_k|| - mean_norm)^2) / mean_norm;
 * ``gnc2_means_margin`` = min_{k in S} dist(m_k, conv{m_j : j in S, j != k}) for the unit centered means
-  m_k = mu~_k / ||mu~_k|| (the GNC2 one-vs-rest margin of the means, exact, :func:`gnc2`), with
+  m_k = mu~_k / ||mu~_k|| (centred on the mean of the means, whatever the weighting) (the GNC2 one-vs-rest margin of the means, exact, :func:`gnc2`), with
   ``gnc2_means_margin_mean`` = sum_k pi_k margin_k and ``gnc2_means_margin_median``;
 * ``gnc3`` = sum_k pi_k [1 - cos(w_k, mu~_k)] (GNC3, alignment of W with the means; 0 = aligned), over the
   classes whose head row is not zero (pi renormalised).
@@ -181,13 +181,18 @@ def _weights(stats: ClassStatistics, weighting: str) -> np.ndarray:
 
 
 def _layer_metrics(stats: ClassStatistics, Ws: np.ndarray | None, weightings: Sequence[str],
-                   gnc2_options: dict[str, Any]) -> dict[str, float]:
+                   gnc2_options: dict[str, Any], gnc2_margin: bool = True) -> dict[str, float]:
     """Every per-layer metric of the module docstring for the statistics of the classes in S."""
     out: dict[str, float] = {}
     K = stats.num_classes
     means = stats.means()
     sw = stats.within_class_covariance()
     margins = None
+    if gnc2_margin:  # the margins of the unit centered means, centred on the mean of the means (the paper's mu_G)
+        res = gnc2(_normalize_rows(means - means.mean(0), "centered class means"), **gnc2_options)
+        margins = res.margins
+        out["gnc2_means_margin"] = float(res.margin)
+        out["gnc2_means_margin_median"] = float(np.median(margins))
     for weighting in weightings:
         sfx = _SUFFIX[weighting]
         pi = _weights(stats, weighting)
@@ -202,12 +207,8 @@ def _layer_metrics(stats: ClassStatistics, Ws: np.ndarray | None, weightings: Se
         mean_norm = float(pi @ norms)
         out["mean_norm" + sfx] = mean_norm
         out["equinorm" + sfx] = float(math.sqrt(max(pi @ (norms - mean_norm) ** 2, 0.0)) / mean_norm)
-        if margins is None:  # the margins of the unit centered means (balanced centring: the paper's mu_G)
-            res = gnc2(_normalize_rows(Mc, "centered class means"), **gnc2_options)
-            margins = res.margins
-            out["gnc2_means_margin"] = float(res.margin)
-            out["gnc2_means_margin_median"] = float(np.median(margins))
-        out["gnc2_means_margin_mean" + sfx] = float(pi @ margins)
+        if margins is not None:
+            out["gnc2_means_margin_mean" + sfx] = float(pi @ margins)
         if Ws is not None:  # classes whose head row is zero (no direction) are left out
             rows = np.any(Ws != 0, axis=1)
             if rows.sum() >= 1:
@@ -284,7 +285,7 @@ def token_collapse_metrics(
             raise ValueError(f"W must be (num_classes, d) = ({K}, {X.shape[1]}), got {Wm.shape}")
         Ws = Wm[seen]
     gnc2_options = dict(gnc2_options or {})
-    out = _layer_metrics(stats, Ws, weightings, gnc2_options)
+    out = _layer_metrics(stats, Ws, weightings, gnc2_options, gnc2_margin)
     if Wm is not None:
         out.update(_classifier_metrics(Wm, seen, counts, gnc2_margin, gnc2_options))
     out.update(num_tokens=float(y.size), num_samples=float(inside.sum()), num_seen=float(seen.size),
@@ -323,7 +324,8 @@ def token_collapse_report(
             are allocated for the kept classes only; with ``min_count > 1`` ``data`` must therefore be
             re-iterable (a one-shot iterator with ``min_count=1`` is read once, with O(K d) statistics).
         weightings: ``"balanced"`` (the paper's: every class alike) and/or ``"frequency"`` (keys ``*_freq``).
-        gnc2_margin: also the GNC2 margins of W (the whole vocabulary: K one-vs-rest problems).
+        gnc2_margin: also the certified GNC2 margins (:func:`gnc2`) of the class means at every layer (|S|
+            one-vs-rest problems each) and of W (the whole vocabulary, and the seen rows).
         gnc2_options: keyword arguments for every :func:`gnc2` call (e.g. ``tol``, ``progress``).
 
     Multi-process (``torch.distributed`` initialised): batch i runs on rank ``i % world_size``; counts and
@@ -455,7 +457,7 @@ def token_collapse_report(
         m: dict[str, float] = {}
         if why is None:
             try:
-                m = _layer_metrics(s, Ws, weightings, gnc2_options)
+                m = _layer_metrics(s, Ws, weightings, gnc2_options, gnc2_margin)
             except ValueError as e:  # degenerate geometry at this layer (e.g. a zero centered mean)
                 why = str(e)
         if why is not None:
