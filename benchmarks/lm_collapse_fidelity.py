@@ -235,8 +235,12 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = "python benchmarks/lm_collapse_fidelity.py " + " ".join(sys.argv[1:])
-    store = os.path.join(CACHE_DIR, "measured.json")
-    results = json.load(open(store)) if os.path.exists(store) else {}
+    import glob
+
+    results = {}  # one file per run, so that runs measured by separate processes do not overwrite each other
+    for path in sorted(glob.glob(os.path.join(CACHE_DIR, "measured*.json"))):
+        results.update(json.load(open(path)))
+    results = {run: results[run] for run in RUNS if run in results}
     if not args.report_only:
         from lm_continued_training import data
 
@@ -248,8 +252,8 @@ def main():
                 train(run, tokenizer, train_blocks)
             results[run] = measure(run, test_blocks, args.min_count)
             os.makedirs(CACHE_DIR, exist_ok=True)
-            with open(store, "w") as f:
-                json.dump(results, f, default=float)
+            with open(os.path.join(CACHE_DIR, f"measured-{run}.json"), "w") as f:
+                json.dump({run: results[run]}, f, default=float)
     report(results, args.out, command, args.min_count)
 
 
