@@ -78,6 +78,9 @@ def measure(run: str, test_blocks, min_count: int) -> list[dict]:
 
     rows = []
     for step in CHECKPOINTS:
+        if not os.path.exists(os.path.join(ckpt_dir(run, step), "model.safetensors")):
+            print(f"{run}: no checkpoint at step {step} (training stopped or still running): not measured", flush=True)
+            continue
         model = AutoModelForCausalLM.from_pretrained(ckpt_dir(run, step), dtype=torch.float32).eval()
         begin = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
@@ -230,6 +233,7 @@ def main():
     parser.add_argument("--min-count", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--measure-only", action="store_true", help="measure the checkpoints there are, no training")
     parser.add_argument("--out", default=os.path.join(RESULTS, "lm_collapse_fidelity"))
     parser.add_argument("--text-root", default=None)
     args = parser.parse_args()
@@ -248,7 +252,7 @@ def main():
         for run in [r for r in args.runs.split(",") if r]:
             if run not in RUNS:
                 raise SystemExit(f"unknown run {run!r}; choose from {RUNS}")
-            if not os.path.exists(ckpt_dir(run, STEPS)):
+            if not os.path.exists(ckpt_dir(run, STEPS)) and not args.measure_only:
                 train(run, tokenizer, train_blocks)
             results[run] = measure(run, test_blocks, args.min_count)
             os.makedirs(CACHE_DIR, exist_ok=True)
