@@ -11,7 +11,7 @@ Matrices (each run in a fresh subprocess so that the max RSS is per matrix):
   seed 0, 1 worker) trained here on the Debian python3.11-doc reST sources
   (/work/debtext/root/usr/share/doc/python3.11/html/_sources/**/*.rst.txt, PSF licence), cached under
   benchmarks/.cache/; skipped with a message when gensim is absent (it is not a dependency);
-* every ``/work/heads/*.safetensors`` (key "weight"), if any.
+* every ``/work/heads/*.safetensors`` (key "weight"), if any; all-zero rows (padding tokens) are dropped.
 
 For each matrix: wall time, max RSS, rounds, solves, rho, max / median certificate gap, classes certified; then
 the same matrix with ``time_budget=--budget`` and its bounds. ``--full-max-K`` skips the unbudgeted run above
@@ -74,7 +74,12 @@ def load(name: str, seed: int) -> np.ndarray | None:
         return w2v_matrix(seed)
     from safetensors.numpy import load_file
 
-    return load_file(name)["weight"].astype(np.float64)
+    W = load_file(name)["weight"].astype(np.float64)
+    zero = ~np.any(W != 0, axis=1)
+    if zero.any():  # e.g. a padding token's embedding row: no direction, gnc2 rejects it
+        print(f"{name}: dropping {int(zero.sum())} all-zero row(s)", file=sys.stderr)
+        W = W[~zero]
+    return W
 
 
 def run_one(name: str, seed: int, budget: float | None, progress: bool) -> dict:
