@@ -290,7 +290,6 @@ def gnc2(
     if out_of_time:
         active = np.empty(0, np.int64)
     r_new = np.zeros(K)
-    h_new = np.zeros((0, d))
     while active.size and not out_of_time:
         rounds += 1
         if rounds > max_rounds:
