@@ -82,6 +82,12 @@ def load(name: str, seed: int) -> np.ndarray | None:
     return W
 
 
+def _workers(K: int) -> int:
+    from hf_align.analysis.collapse.gnc2 import _default_workers
+
+    return _default_workers(K)
+
+
 def run_one(name: str, seed: int, budget: float | None, progress: bool) -> dict:
     import torch
 
@@ -101,6 +107,9 @@ def run_one(name: str, seed: int, budget: float | None, progress: bool) -> dict:
         "time_budget": budget,
         "seconds": wall,
         "max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        # forked solve workers share W copy-on-write: their RSS counts the shared pages again
+        "max_rss_worker_gib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20,
+        "workers": _workers(W.shape[0]),
         "threads": torch.get_num_threads(),
         "screened": res.screened,
         "rounds": res.rounds,

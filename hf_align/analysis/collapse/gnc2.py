@@ -155,6 +155,59 @@ def _lower_threshold(T: torch.Tensor, c: float, u_out: float, dt: torch.dtype) -
     return tl
 
 
+_SHARED: dict[str, Any] = {}  # what forked solve workers read (set before the fork: copy-on-write, never pickled)
+
+
+def _solve_chunk(ks: np.ndarray) -> list[tuple[int, tuple]]:
+    Wn, cand = _SHARED["Wn"], _SHARED["cand"]
+    return [(int(k), _solve_mnp(Wn, int(k), cand[int(k)], values=True)) for k in ks]
+
+
+def _default_workers(K: int) -> int:
+    """Solve workers: the CPUs this process may use, for K > 20,000 (below, the serial loop is fast enough and a
+    fork costs more than it saves); 1 where ``fork`` is not available."""
+    import multiprocessing
+    import os
+
+    if K <= 20000 or "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _solutions(Wn: np.ndarray, cand: list[np.ndarray], order: np.ndarray, batch: int, workers: int, deadline: float):
+    """(k, _solve_mnp(..., values=True)) for the classes of ``order``, in order, until ``deadline`` (checked every
+    ``batch`` classes). ``workers > 1``: forked processes (numpy / scipy only: no torch runs in a child) solve chunks
+    of ``batch`` classes; the results are identical to the serial loop (the same deterministic NNLS per class)."""
+    chunks = [order[s : s + batch] for s in range(0, order.size, batch)]
+    if workers <= 1 or len(chunks) < 2:
+        for ks in chunks:
+            if time.perf_counter() > deadline:
+                return
+            yield from _solve_chunk_local(Wn, cand, ks)
+        return
+    import multiprocessing
+
+    _SHARED.update(Wn=Wn, cand=cand)
+    pool = multiprocessing.get_context("fork").Pool(workers)
+    try:
+        for done in pool.imap(_solve_chunk, chunks):
+            yield from done
+            if time.perf_counter() > deadline:
+                return
+    finally:
+        pool.terminate()
+        pool.join()
+        _SHARED.clear()
+
+
+def _solve_chunk_local(Wn: np.ndarray, cand: list[np.ndarray], ks: np.ndarray):
+    for k in ks:
+        yield int(k), _solve_mnp(Wn, int(k), cand[int(k)], values=True)
+
+
 def gnc2(
     W: Any,
     *,
@@ -167,6 +220,7 @@ def gnc2(
     progress: bool = False,
     time_budget: float | None = None,
     batch: int = 64,
+    workers: int | None = None,
 ) -> GNC2Result:
     """GNC2, the one-vs-rest margin of the row-normalised classifier (Jiang et al. 2024), solved exactly.
 
@@ -204,6 +258,9 @@ def gnc2(
     ``certified[k]`` for the classes that finished, and margin_lower = min_k dual[k] <= rho(W) <= margin_upper =
     min_k primal[k]. Without a budget every class is certified (or RuntimeError after ``max_rounds``).
 
+    Workers. The per-class solves of a round are independent: ``workers`` forked processes solve them
+    (default: the CPUs this process may use when K > 20,000, else 1); the results equal the serial ones.
+
     Raises ValueError for a single class, NaN, or a zero row.
     """
     t_start = time.perf_counter()
@@ -211,6 +268,9 @@ def gnc2(
     W = _matrix(W, "W")
     K, d = W.shape
     _check_classes(K, "gnc2")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive int or None, got {workers!r}")
+    n_workers = _default_workers(K) if workers is None else workers
     Wn = _normalize_rows(W, "W")
     del W
     sdt = _screen_dtype(K, precision)
@@ -301,19 +361,16 @@ def gnc2(
         solved = np.zeros(K, dtype=bool)
         hk: dict[int, np.ndarray] = {}
         vk: dict[int, np.ndarray] = {}
-        for s in range(0, order.size, batch):
-            if time.perf_counter() > deadline:
-                out_of_time = True
-                break
-            for k in order[s : s + batch]:
-                k = int(k)
-                sup, a, p, r, vk[k] = _solve_mnp(Wn, k, cand[k], values=True)
-                solves += 1
-                solved[k] = True
-                r_new[k] = r
-                if r <= primal[k]:
-                    support[k], weights[k], primal[k] = sup, a, r
-                hk[k] = p / r if r > 1e-12 else np.zeros(d)
+        for k, (sup, a, p, r, v) in _solutions(Wn, cand, order, batch, n_workers, deadline):
+            vk[k] = v
+            solves += 1
+            solved[k] = True
+            r_new[k] = r
+            if r <= primal[k]:
+                support[k], weights[k], primal[k] = sup, a, r
+            hk[k] = p / r if r > 1e-12 else np.zeros(d)
+        if not solved[order].all():
+            out_of_time = True
         checked = active[solved[active]]
         # 3. check against all rows, in blocks (one matmul per block)
         still: list[int] = []
