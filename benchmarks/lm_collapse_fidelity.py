@@ -202,15 +202,18 @@ def report(results: dict, out: str, command: str, min_count: int) -> None:
         for layer, m in zip(rep["layers"], rep["per_layer"]):
             lines.append(f"| {run} | {layer} | " + " | ".join(f"{m.get(c, float('nan')):.4g}" for c in dcols) + " |")
     lines += ["", "## Classes and the head", ""]
-    lines += ["| run | step | target tokens | classes in S | below min_count | never seen | GNC2 margin of W (min / mean) | Tammes max cos | seconds |",
-              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines += ["| run | step | target tokens | classes in S | below min_count | never seen | GNC2 margin of W, all rows (min / mean) | "
+              "GNC2 margin of W, rows in S (min / mean / freq-weighted mean) | Tammes max cos | seconds |",
+              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for run, rows in results.items():
         for r in rows:
             rep = r["report"]
             c = rep["classifier"]
             lines.append(f"| {run} | {r['step']} | {rep['num_tokens']} | {rep['num_seen']} | {rep['num_rare']} | "
                          f"{rep['num_unseen']} | {c.get('gnc2_W_margin', float('nan')):.3g} / "
-                         f"{c.get('gnc2_W_margin_mean', float('nan')):.3g} | {c.get('tammes_max_cosine', float('nan')):.3g} | "
+                         f"{c.get('gnc2_W_margin_mean', float('nan')):.3g} | {c.get('gnc2_W_seen_margin', float('nan')):.3g} / "
+                         f"{c.get('gnc2_W_seen_margin_mean', float('nan')):.3g} / {c.get('gnc2_W_seen_margin_mean_freq', float('nan')):.3g} | "
+                         f"{c.get('tammes_max_cosine', float('nan')):.3g} | "
                          f"{r['seconds']:.0f} |")
     lines += ["", "## Trends at the last layer, step 100 → 2,000", ""]
     for run, rows in results.items():
@@ -258,6 +261,9 @@ def main():
             os.makedirs(CACHE_DIR, exist_ok=True)
             with open(os.path.join(CACHE_DIR, f"measured-{run}.json"), "w") as f:
                 json.dump({run: results[run]}, f, default=float)
+    if args.report_only:  # the results were made by the training + measuring runs
+        command = (f"python benchmarks/lm_collapse_fidelity.py --runs {','.join(results)} --min-count {args.min_count}` "
+                   f"(train + measure, cached per run), then `{command}")
     report(results, args.out, command, args.min_count)
 
 
