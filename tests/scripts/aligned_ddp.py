@@ -35,3 +35,8 @@ if trainer.is_world_process_zero():
     metrics["train_losses"] = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     with open(out, "w") as f:
         json.dump(metrics, f)
+import torch.distributed as dist  # noqa: E402
+
+if dist.is_initialized():
+    dist.barrier()  # both ranks done before the group goes: gloo aborts a rank torn down mid-exchange
+    dist.destroy_process_group()

@@ -97,3 +97,6 @@ elif mode == "fsdp2":
 if rank == 0:
     with open(out, "w") as f:
         json.dump(result, f)
+if dist.is_initialized():
+    dist.barrier()  # both ranks done before the group goes: gloo aborts a rank torn down mid-exchange
+    dist.destroy_process_group()
