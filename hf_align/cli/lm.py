@@ -281,6 +281,20 @@ def train_lm(model_args: ModelArguments, data_args: DataArguments, args, profile
     return 0
 
 
+def held_out_blocks(model_args: ModelArguments, data_args: DataArguments, checked, what: str):
+    """(split, documents, packed blocks, model in eval mode) of ``evaluate`` / ``analyze``: the test split (or the
+    first), ``--max_eval_samples`` documents, packed into ``--block_size`` blocks with the model's tokenizer."""
+    config = checked[0]
+    check_block_size(data_args, config, model_args.model_name_or_path)
+    tokenizer = load_processor(model_args, "text")
+    data = load_text_dataset(data_args)
+    raw = evaluation_split(data, data_args.dataset_test_split)
+    split = data_args.dataset_test_split if data_args.dataset_test_split in data else list(data)[0]
+    docs = _subset(documents(raw, data_args.text_column, split), data_args.max_eval_samples, 0, "--max_eval_samples")
+    blocks = pack(docs, tokenizer, data_args.block_size, what, int(config.vocab_size))
+    return split, docs, blocks, load_causal_lm(model_args, config).eval()
+
+
 def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, profile_args: SpeculativeProfileArguments,
                 checked) -> int:
     """Per-block perplexity, per-exit acceptance (greedy and T=1 sampling), the measured self-speculative speed-up
@@ -293,16 +307,8 @@ def evaluate_lm(model_args: ModelArguments, data_args: DataArguments, args, prof
     from ..trainers import AlignedTrainer
     from .reports import write_report
 
-    config = checked[0]
     name = model_args.model_name_or_path
-    check_block_size(data_args, config, name)
-    tokenizer = load_processor(model_args, "text")
-    data = load_text_dataset(data_args)
-    raw = evaluation_split(data, data_args.dataset_test_split)
-    split = data_args.dataset_test_split if data_args.dataset_test_split in data else list(data)[0]
-    docs = _subset(documents(raw, data_args.text_column, split), data_args.max_eval_samples, 0, "--max_eval_samples")
-    blocks = pack(docs, tokenizer, data_args.block_size, "evaluation", int(config.vocab_size))
-    model = load_causal_lm(model_args, config).eval()
+    split, docs, blocks, model = held_out_blocks(model_args, data_args, checked, "evaluation")
     os.makedirs(args.output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:  # the metric has one definition: AlignedTrainer.evaluate's
         metrics = AlignedTrainer(model, args=_eval_args(tmp, args.batch_size), eval_dataset=blocks,
@@ -381,16 +387,8 @@ def analyze_lm(model_args: ModelArguments, data_args: DataArguments, args, check
     from ..analysis.collapse import collapse_report, plot_collapse_progression
     from .reports import matrix_markdown, token_collapse_markdown, write_report
 
-    config = checked[0]
     name = model_args.model_name_or_path
-    check_block_size(data_args, config, name)
-    tokenizer = load_processor(model_args, "text")
-    data = load_text_dataset(data_args)
-    raw = evaluation_split(data, data_args.dataset_test_split)
-    split = data_args.dataset_test_split if data_args.dataset_test_split in data else list(data)[0]
-    docs = _subset(documents(raw, data_args.text_column, split), data_args.max_eval_samples, 0, "--max_eval_samples")
-    blocks = pack(docs, tokenizer, data_args.block_size, "analysis", int(config.vocab_size))
-    model = load_causal_lm(model_args, config).eval()
+    split, docs, blocks, model = held_out_blocks(model_args, data_args, checked, "analysis")
     L = int(model.config.num_hidden_layers)
     pooling = args.pooling or "tokens"
     os.makedirs(args.output_dir, exist_ok=True)

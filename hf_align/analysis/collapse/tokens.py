@@ -240,6 +240,15 @@ def _classifier_metrics(W: np.ndarray, seen: np.ndarray, counts: np.ndarray, gnc
     return out
 
 
+def _check_options(min_count: Any, weightings: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    weightings = tuple(weightings)
+    if not weightings or any(w not in WEIGHTINGS for w in weightings):
+        raise ValueError(f"weightings must be a non-empty subset of {WEIGHTINGS}, got {weightings!r}")
+    return weightings
+
+
 def token_collapse_metrics(
     features: Any,
     targets: Any,
@@ -260,11 +269,7 @@ def token_collapse_metrics(
     y = np.asarray(targets, dtype=np.int64).reshape(-1)
     if X.ndim != 2 or X.shape[0] != y.size:
         raise ValueError(f"features must be (n, d) with one target per row; got {X.shape} and {y.size} targets")
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
-        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
-    weightings = tuple(weightings)
-    if not weightings or any(w not in WEIGHTINGS for w in weightings):
-        raise ValueError(f"weightings must be a non-empty subset of {WEIGHTINGS}, got {weightings!r}")
+    weightings = _check_options(min_count, weightings)
     Wm = None if W is None else np.asarray(W, dtype=np.float64)
     keep = y != IGNORE_INDEX
     X, y = X[keep], y[keep]
@@ -336,11 +341,7 @@ def token_collapse_report(
     view = model if isinstance(model, LayerView) else LayerView(model)
     if view.task != "causal-lm":
         raise ValueError(f"token_collapse_report needs a causal LM; {type(view.hf_model).__name__} is a {view.task} model")
-    if isinstance(min_count, bool) or not isinstance(min_count, (int, np.integer)) or min_count < 1:
-        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
-    weightings = tuple(weightings)
-    if not weightings or any(w not in WEIGHTINGS for w in weightings):
-        raise ValueError(f"weightings must be a non-empty subset of {WEIGHTINGS}, got {weightings!r}")
+    weightings = _check_options(min_count, weightings)
     if on_undefined not in ("warn", "raise"):
         raise ValueError(f"on_undefined must be 'warn' or 'raise', got {on_undefined!r}")
     gnc2_options = dict(gnc2_options or {})
