@@ -158,9 +158,19 @@ def _lower_threshold(T: torch.Tensor, c: float, u_out: float, dt: torch.dtype) -
 _SHARED: dict[str, Any] = {}  # what forked solve workers read (set before the fork: copy-on-write, never pickled)
 
 
-def _solve_chunk(ks: np.ndarray) -> list[tuple[int, tuple]]:
-    Wn, cand = _SHARED["Wn"], _SHARED["cand"]
+def _solve_many(Wn: np.ndarray, cand: list[np.ndarray], ks: np.ndarray) -> list[tuple[int, tuple]]:
     return [(int(k), _solve_mnp(Wn, int(k), cand[int(k)], values=True)) for k in ks]
+
+
+def _solve_chunk(ks: np.ndarray) -> list[tuple[int, tuple]]:
+    """A forked worker's chunk: the matrix and candidate lists come from the parent's memory (``_SHARED``)."""
+    return _solve_many(_SHARED["Wn"], _SHARED["cand"], ks)
+
+
+def initial_candidates(K: int, d: int, candidates: int | None = None) -> int:
+    """The size m0 of each class's first candidate set: ``candidates``, default max(8, min(d // 2, 128)) (a support
+    of ~100 at d = 768 fits in 128), at most K - 1. Callers that pass ``neighbors=`` to :func:`gnc2` need this many."""
+    return min(K - 1, candidates if candidates is not None else max(8, min(d // 2, 128)))
 
 
 def _default_workers(K: int) -> int:
@@ -186,7 +196,7 @@ def _solutions(Wn: np.ndarray, cand: list[np.ndarray], order: np.ndarray, batch:
         for ks in chunks:
             if time.perf_counter() > deadline:
                 return
-            yield from _solve_chunk_local(Wn, cand, ks)
+            yield from _solve_many(Wn, cand, ks)
         return
     import multiprocessing
 
@@ -201,11 +211,6 @@ def _solutions(Wn: np.ndarray, cand: list[np.ndarray], order: np.ndarray, batch:
         pool.terminate()
         pool.join()
         _SHARED.clear()
-
-
-def _solve_chunk_local(Wn: np.ndarray, cand: list[np.ndarray], ks: np.ndarray):
-    for k in ks:
-        yield int(k), _solve_mnp(Wn, int(k), cand[int(k)], values=True)
 
 
 def gnc2(
@@ -274,7 +279,7 @@ def gnc2(
     Wn = _normalize_rows(W, "W")
     del W
     sdt = _screen_dtype(K, precision)
-    m0 = min(K - 1, candidates if candidates is not None else max(8, min(d // 2, 128)))
+    m0 = initial_candidates(K, d, candidates)
     nv = add_violators if add_violators is not None else max(8, min(d // 4, 64))
     Wd = torch.from_numpy(Wn)
     Ws = Wd.to(sdt) if sdt != torch.float64 else Wd  # screening copy
@@ -346,9 +351,7 @@ def gnc2(
         bar.set_description("gnc2 certified")
 
     cand: list[np.ndarray] = [neighbors[k, :m0] for k in range(K)]
-    active = np.flatnonzero(have) if not out_of_time else np.empty(0, np.int64)
-    if out_of_time:
-        active = np.empty(0, np.int64)
+    active = np.empty(0, np.int64) if out_of_time else np.flatnonzero(have)
     r_new = np.zeros(K)
     while active.size and not out_of_time:
         rounds += 1

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from ._checks import _check_classes, _labels, _matrix, _normalize_rows, _unit
-from .gnc2 import gnc2
+from .gnc2 import gnc2, initial_candidates
 from .passes import _block_rows, _cosine_summary, _etf_distance_pair
 from .statistics import ClassStatistics
 
@@ -190,8 +190,7 @@ def collapse_metrics(
         _check_classes(W.shape[0], "collapse_metrics")
         Wn = _normalize_rows(W, "W")
         K, d = W.shape
-        want = min(K - 1, max(8, d // 2))
-        s = _cosine_summary(Wn, neighbors=want if gnc2_margin else 1, precision=precision)
+        s = _cosine_summary(Wn, neighbors=initial_candidates(K, d) if gnc2_margin else 1, precision=precision)
         n = K * (K - 1)
         mean = s.sum / n
         var = (s.sum_sq - n * mean * mean) / (n - 2) if n > 2 else 0.0

@@ -140,17 +140,25 @@ def cdnv(stats: ClassStatistics, weights: np.ndarray | None = None, *, block: in
     ||mu_k'||^2)``; coinciding means -- e.g. two tokens that only ever follow the same token, at the embedding
     layer -- make the ratio infinite or 0/0). ``weights`` = pi, default uniform. Exact: blocked float64 passes
     over the K x K pairs (memory O(block K)); near-coincident pairs are recomputed as ||mu_k - mu_k'||^2."""
+    K = stats.num_classes
+    pi = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, dtype=np.float64)
+    values, dropped = _cdnv_many(stats, [pi], block)
+    return values[0], dropped
+
+
+def _cdnv_many(stats: ClassStatistics, weights: Sequence[np.ndarray], block: int = 2048) -> tuple[list[float], float]:
+    """:func:`cdnv` for several weight vectors in one pass over the pairs (the ratios are computed once)."""
     M = stats.means()
     var = stats.class_variances()
     K = M.shape[0]
     if K < 2:
         raise ValueError("cdnv needs at least 2 classes")
-    pi = np.full(K, 1.0 / K) if weights is None else np.asarray(weights, dtype=np.float64)
     Mt = torch.from_numpy(M)
     sq = torch.from_numpy(np.einsum("kd,kd->k", M, M))
     v = torch.from_numpy(var)
-    p = torch.from_numpy(pi)
-    num = den = dropped = 0.0
+    ps = [torch.from_numpy(np.asarray(w, dtype=np.float64)) for w in weights]
+    num, den = [0.0] * len(ps), [0.0] * len(ps)
+    dropped = 0.0
     for s in range(0, K, block):
         e = min(K, s + block)
         scale = sq[s:e, None] + sq[None, :]
@@ -162,14 +170,15 @@ def cdnv(stats: ClassStatistics, weights: np.ndarray | None = None, *, block: in
         r = torch.arange(e - s)
         ok = d2 > 1e-12 * scale
         ok[r, r + s] = False  # k = k' excluded
-        w = p[s:e, None] * p[None, :]
-        ratio = (v[s:e, None] + v[None, :]) / (2.0 * torch.where(ok, d2, torch.ones_like(d2)))
-        num += float((w * ratio)[ok].sum())
-        den += float(w[ok].sum())
+        ratio = torch.where(ok, (v[s:e, None] + v[None, :]) / (2.0 * torch.where(ok, d2, torch.ones_like(d2))), 0.0)
+        for i, p in enumerate(ps):
+            w = torch.where(ok, p[s:e, None] * p[None, :], 0.0)
+            num[i] += float((w * ratio).sum())
+            den[i] += float(w.sum())
         dropped += float(ok.numel() - ok.sum() - (e - s))
-    if den == 0:
+    if den[0] == 0:
         raise ValueError("all class means coincide: CDNV is undefined")
-    return num / den, dropped / (K * (K - 1))
+    return [n / d for n, d in zip(num, den)], dropped / (K * (K - 1))
 
 
 def _weights(stats: ClassStatistics, weighting: str) -> np.ndarray:
@@ -193,16 +202,17 @@ def _layer_metrics(stats: ClassStatistics, Ws: np.ndarray | None, weightings: Se
         margins = res.margins
         out["gnc2_means_margin"] = float(res.margin)
         out["gnc2_means_margin_median"] = float(np.median(margins))
-    for weighting in weightings:
+    pis = {weighting: _weights(stats, weighting) for weighting in weightings}
+    values, out["coincident_mean_pairs"] = _cdnv_many(stats, list(pis.values()))
+    for weighting, value in zip(pis, values):
+        out["cdnv" + _SUFFIX[weighting]] = value
+    for weighting, pi in pis.items():
         sfx = _SUFFIX[weighting]
-        pi = _weights(stats, weighting)
         Mc = means - pi @ means
         sb = (Mc * pi[:, None]).T @ Mc
         if not np.any(sb):
             raise ValueError("all class means are equal (Sigma_B = 0)")
         out["nc1" + sfx] = float(np.trace(sw @ np.linalg.pinv(sb, hermitian=True))) / K
-        out["cdnv" + sfx], coincident = cdnv(stats, None if weighting == "balanced" else pi)
-        out["coincident_mean_pairs"] = coincident
         norms = np.linalg.norm(Mc, axis=1)
         mean_norm = float(pi @ norms)
         out["mean_norm" + sfx] = mean_norm
