@@ -606,8 +606,7 @@ def super_resolution_card(folder, pipe, metadata=None, repo: str | None = None, 
               "from diffusers import DiffusionPipeline", "",
               f"pipe = DiffusionPipeline.from_pretrained({_q(repo)})",
               "# without `import hf_align` (hf-align installed): the repo's pipeline.py only imports it",
-              f"# pipe = DiffusionPipeline.from_pretrained({_q(repo)}, custom_pipeline=\"pipeline\", "
-              "trust_remote_code=True)"]
+              f"# pipe = DiffusionPipeline.from_pretrained({_q(repo)}, trust_remote_code=True)"]
     if mode is not None:
         lines += [f"low = Image.new({_q(mode)}, ({side}, {side}), {'128' if mode == 'L' else '(128, 128, 128)'})"
                   "  # your low-resolution image"]

@@ -238,7 +238,7 @@ out["sr_components"] = [type(unet).__name__, unet.config.in_channels, scheduler.
 try:
     DiffusionPipeline.from_pretrained(SR)
 except Exception as e:
-    out["sr_without"] = str(e)[:200]
+    out["sr_without"] = [type(e).__name__, str(e)]
 out["hf_align_imported"] = "hf_align" in sys.modules
 # trust_remote_code=True: the repo's one code file imports the installed hf-align, and says how to install it
 sys.modules["hf_align"] = None  # as if hf-align were not installed
@@ -253,6 +253,12 @@ import evaluate
 rng = np.random.default_rng(0)
 X = rng.normal(size=(20, 5)); Y = np.tanh(X @ rng.normal(size=(5, 3)))
 out["cka"] = evaluate.load(CKA, "linear").compute(predictions=X.tolist(), references=Y.tolist())["cka"]
+# the SR repo by id with trust: diffusers fetches and runs its pipeline.py, which imports the installed hf-align
+sr = DiffusionPipeline.from_pretrained(SR, trust_remote_code=True)
+sr.set_progress_bar_config(disable=True)
+low = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
+high = sr(low, num_inference_steps=3, generator=torch.Generator().manual_seed(3), output_type="np").images
+out["sr_trusted"] = [type(sr).__module__, np.asarray(high).tolist()]
 print("RESULT" + json.dumps(out))
 """
 
@@ -288,7 +294,9 @@ def test_without_hf_align_in_a_fresh_interpreter(hub, tmp_path):
     assert out["sr_components"] == ["UNet2DModel", 6, 20]
     # what needs `import hf_align`: the registered task and the pipeline class (stated in the cards and docs)
     assert out["pipeline_without"] == "KeyError"
-    assert "SuperResolutionPipeline" in out["sr_without"]
+    # diffusers' own refusal before any code of the repo runs: its pipeline.py needs trust_remote_code
+    assert out["sr_without"][0] == "ValueError" and "custom code in pipeline.py" in out["sr_without"][1]
+    assert "trust_remote_code=True" in out["sr_without"][1]
     assert out["hf_align_imported"] is False
     assert "pip install hf-align" in out["remote_missing"]
     with torch.no_grad():
@@ -299,6 +307,11 @@ def test_without_hf_align_in_a_fresh_interpreter(hub, tmp_path):
     X = rng.normal(size=(20, 5))
     Y = np.tanh(X @ rng.normal(size=(5, 3)))
     assert out["cka"] == pytest.approx(ref_linear_cka(X, Y), abs=1e-9)
+    low = np.random.default_rng(0).random((1, 8, 8, 3)).astype(np.float32)
+    ref = hub["sr"](low, num_inference_steps=3, generator=torch.Generator().manual_seed(3),
+                    output_type="np").images
+    assert out["sr_trusted"][0] == "hf_align.pipelines.super_resolution"
+    np.testing.assert_allclose(np.asarray(out["sr_trusted"][1]), ref, atol=1e-5)
 
 
 def test_import_registers_for_diffusers():

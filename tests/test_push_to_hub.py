@@ -321,8 +321,8 @@ def test_dream_trainer_push_and_sr_snippet(fake_hub, tmp_path, monkeypatch, flus
     trainer.push_to_hub(license="cc-by-4.0", dataset="user/photos")
     upload = fake_hub.last("user/sr-dream")
     assert {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
-            "scheduler/scheduler_config.json", "README.md"} <= set(upload["files"])
-    assert json.loads(upload["files"]["model_index.json"])["_class_name"] == "SuperResolutionPipeline"
+            "scheduler/scheduler_config.json", "README.md", "pipeline.py"} <= set(upload["files"])
+    assert json.loads(upload["files"]["model_index.json"])["_class_name"] == ["pipeline", "SuperResolutionPipeline"]
     card = card_of(upload)
     assert card.data.library_name == "diffusers" and card.data.pipeline_tag == "image-to-image"
     assert card.data.license == "cc-by-4.0" and card.data.datasets == ["user/photos"]

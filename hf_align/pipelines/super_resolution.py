@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -21,20 +23,23 @@ from ..diffusion.images import bicubic_downsample, bicubic_upsample
 logger = logging.get_logger(__name__)
 
 __all__ = ["SuperResolutionPipeline", "SuperResolutionPipelineOutput", "bicubic_upsample", "bicubic_downsample",
-           "register_diffusers_pipeline", "REMOTE_CODE_FILE", "write_remote_code"]
+           "register_diffusers_pipeline", "REMOTE_CODE_FILE", "REMOTE_CLASS_NAME", "write_remote_code"]
 
 # For users who do not import hf-align: diffusers' own convention for a pipeline class defined outside diffusers is a
-# `pipeline.py` beside model_index.json, loaded by `DiffusionPipeline.from_pretrained(folder_or_repo,
-# custom_pipeline="pipeline", trust_remote_code=True)`. It only imports the installed hf-align. model_index.json keeps
-# the plain `_class_name` (a [file, class] pair would make diffusers demand trust_remote_code even after
-# `import hf_align`), so the file runs only when the user asks for it by name and trusts it.
+# `pipeline.py` beside model_index.json whose `_class_name` is the pair ["pipeline", "SuperResolutionPipeline"]. Without
+# hf-align imported, `DiffusionPipeline.from_pretrained(folder_or_repo)` then stops with diffusers' own message (the
+# folder holds custom code: pass trust_remote_code=True) before any work, and with `trust_remote_code=True` it runs the
+# file, which only imports the installed hf-align. After `import hf_align` the pair resolves to the installed class
+# without running the file or asking for trust (see `register_diffusers_pipeline`).
 REMOTE_CODE_FILE = "pipeline.py"
+REMOTE_CLASS_NAME = ["pipeline", "SuperResolutionPipeline"]  # model_index.json's `_class_name`: [file, class]
 _REMOTE_CODE = '''"""hf-align's super-resolution pipeline, for users who do not import hf-align:
 
-    DiffusionPipeline.from_pretrained(<this folder or repo>, custom_pipeline="pipeline", trust_remote_code=True)
+    DiffusionPipeline.from_pretrained(<this folder or repo>, trust_remote_code=True)
 
 This file only imports the installed hf-align package (pip install hf-align). With hf-align imported, prefer
-`import hf_align; DiffusionPipeline.from_pretrained(<this folder or repo>)`, which runs no code from the repo.
+`import hf_align; DiffusionPipeline.from_pretrained(<this folder or repo>)`, which runs no code from the repo and
+needs no trust_remote_code.
 """
 
 try:
@@ -47,10 +52,18 @@ except ImportError as error:
 
 
 def write_remote_code(folder) -> str:
-    """Write :data:`REMOTE_CODE_FILE` (the ``custom_pipeline`` entry for users without ``import hf_align``)."""
+    """Write :data:`REMOTE_CODE_FILE` and point ``model_index.json``'s ``_class_name`` at it
+    (:data:`REMOTE_CLASS_NAME`), diffusers' layout for a pipeline class defined outside diffusers."""
     path = os.path.join(folder, REMOTE_CODE_FILE)
     with open(path, "w", encoding="utf-8") as f:
         f.write(_REMOTE_CODE)
+    index = os.path.join(folder, "model_index.json")
+    with open(index, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("_class_name") != REMOTE_CLASS_NAME:
+        config["_class_name"] = list(REMOTE_CLASS_NAME)
+        with open(index, "w", encoding="utf-8") as f:
+            f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")  # as diffusers' save_config writes it
     return path
 
 
@@ -211,8 +224,8 @@ class SuperResolutionPipeline(DiffusionPipeline):
                         **kwargs):
         """diffusers' ``save_pretrained`` (safetensors) plus a model card (README.md; a README the user wrote is
         kept). ``DiffusionPipeline.from_pretrained(folder)`` loads the folder after ``import hf_align``; without it,
-        ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="pipeline", trust_remote_code=True)`` does (the
-        folder's ``pipeline.py`` only imports the installed hf-align).
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` does (the folder's ``pipeline.py``,
+        named by ``model_index.json``, only imports the installed hf-align).
         Card metadata: ``card_data`` and/or ``license``, ``language``, ``datasets``, ``base_model``, ``tags``."""
         from ..hub import super_resolution_card, user_metadata
 
@@ -320,16 +333,56 @@ class SuperResolutionPipeline(DiffusionPipeline):
         return SuperResolutionPipelineOutput(images=images)
 
 
-def register_diffusers_pipeline() -> None:
-    """Make ``DiffusionPipeline.from_pretrained(folder_or_id)`` find ``SuperResolutionPipeline``.
+def _own_remote_entry(class_obj, config, custom_pipeline, class_name, trust_remote_code) -> bool:
+    """Whether diffusers is resolving the ``pipeline.py`` entry hf-align writes (:data:`REMOTE_CLASS_NAME`), with no
+    ``trust_remote_code`` and no other class asked for: then the installed class is the answer."""
+    name = config.get("_class_name") if isinstance(config, dict) else None
+    if trust_remote_code or not isinstance(name, (list, tuple)) or list(name) != REMOTE_CLASS_NAME:
+        return False
+    if class_name not in (None, REMOTE_CLASS_NAME[1]):
+        return False
+    if custom_pipeline is not None and os.path.basename(str(custom_pipeline)) not in ("pipeline", REMOTE_CODE_FILE):
+        return False
+    return class_obj is DiffusionPipeline or (isinstance(class_obj, type)
+                                              and issubclass(class_obj, SuperResolutionPipeline))
 
-    diffusers resolves ``_class_name`` of ``model_index.json`` as an attribute of the ``diffusers`` module and has
-    no registry for pipelines defined elsewhere, so the class is added to that namespace (called by
-    ``import hf_align``). Nothing else in diffusers is changed; an existing attribute of that name is kept."""
+
+def register_diffusers_pipeline() -> None:
+    """Make ``DiffusionPipeline.from_pretrained(folder_or_id)`` find ``SuperResolutionPipeline`` (called by
+    ``import hf_align``).
+
+    - Folders saved by hf-align name the class by diffusers' [file, class] pair (:data:`REMOTE_CLASS_NAME`), which
+      diffusers resolves by running ``pipeline.py`` when ``trust_remote_code=True``. After ``import hf_align``,
+      diffusers' pipeline-class lookup (``pipeline_utils._get_pipeline_class``, used by ``from_pretrained`` and
+      ``download``) returns the installed class for exactly that pair when trust was not given, so no file from the
+      folder or repo runs and no trust is needed. Every other lookup goes to diffusers unchanged.
+    - Older folders name the plain class, which diffusers looks up in its own namespace: the class is added there
+      (an existing attribute of that name is kept)."""
     import diffusers
+    from diffusers.pipelines import pipeline_utils
 
     if getattr(diffusers, "SuperResolutionPipeline", None) is None:
         diffusers.SuperResolutionPipeline = SuperResolutionPipeline
+    original = pipeline_utils._get_pipeline_class
+    if getattr(original, "_hf_align_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def _get_pipeline_class(*args, **kwargs):
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return original(*args, **kwargs)
+        a = bound.arguments
+        if _own_remote_entry(a.get("class_obj"), a.get("config"), a.get("custom_pipeline"), a.get("class_name"),
+                             a.get("trust_remote_code", False)):
+            cls = a.get("class_obj")
+            return cls if cls is not DiffusionPipeline else SuperResolutionPipeline
+        return original(*args, **kwargs)
+
+    _get_pipeline_class._hf_align_wrapped = True
+    pipeline_utils._get_pipeline_class = _get_pipeline_class
 
 
 # importing this module registers it: now, or once the target module is imported (it may be half-imported right now)
