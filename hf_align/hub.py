@@ -593,7 +593,11 @@ def super_resolution_card(folder, pipe, metadata=None, repo: str | None = None, 
         lines += ["## Results (evaluation crops)", "", "| | PSNR (dB) | SSIM |", "| --- | ---: | ---: |",
                   f"| this model | {metrics.get('psnr', float('nan')):.2f} | {metrics.get('ssim', float('nan')):.4f} |",
                   f"| bicubic | {metrics.get('bicubic_psnr', float('nan')):.2f} | "
-                  f"{metrics.get('bicubic_ssim', float('nan')):.4f} |", ""]
+                  f"{metrics.get('bicubic_ssim', float('nan')):.4f} |"]
+        if "linear_psnr" in metrics:
+            lines += [f"| least-squares linear filter (fitted on the training data) | "
+                      f"{metrics['linear_psnr']:.2f} | {metrics.get('linear_ssim', float('nan')):.4f} |"]
+        lines += [""]
     if recipe:
         lines += ["## Recipe", "", "| setting | value |", "| --- | --- |"]
         lines += [f"| {k} | `{v}` |" for k, v in recipe.items()] + [""]

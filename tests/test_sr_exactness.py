@@ -136,14 +136,14 @@ def _resume_args(out, max_steps, **kw):
         dataloader_num_workers=0, **kw)
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, grad_accum):
+@pytest.mark.parametrize("grad_accum,crop_sampling", [(1, "gradient"), (2, "gradient"), (1, "uniform")])
+def test_resume_from_checkpoint_equals_an_uninterrupted_run(tmp_path, grad_accum, crop_sampling):
     ds = _ds(_photos(6, size=40))  # 40x40 photos, 16x16 random crops: the crops really are random
-    full = DREAMTrainer(model=_unet(), args=_resume_args(tmp_path / "full", 5, gradient_accumulation_steps=grad_accum),
-                        train_dataset=ds)
+    full = DREAMTrainer(model=_unet(), args=_resume_args(tmp_path / "full", 5, gradient_accumulation_steps=grad_accum,
+                                                         crop_sampling=crop_sampling), train_dataset=ds)
     full.train()
     torch.manual_seed(12345)  # a different global RNG state must not matter
-    resumed = DREAMTrainer(model=_unet(), args=_resume_args(tmp_path / "resumed", 5,
+    resumed = DREAMTrainer(model=_unet(), args=_resume_args(tmp_path / "resumed", 5, crop_sampling=crop_sampling,
                                                             gradient_accumulation_steps=grad_accum), train_dataset=ds)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
 

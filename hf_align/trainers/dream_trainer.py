@@ -8,7 +8,8 @@ Per step (``a = alphas_cumprod[t]``; ``up = bicubic_up(bicubic_down(hr))``)::
 
 ``p = inf`` is standard diffusion training (no extra forward), so the same trainer gives the baseline.
 Evaluation samples held-out crops with a few-step scheduler through :class:`SuperResolutionPipeline` (EMA weights
-when kept) and reports PSNR and SSIM from scikit-image, beside the bicubic up-sample.
+when kept) and reports PSNR and SSIM from scikit-image, beside the bicubic up-sample and a least-squares linear
+filter fitted on the training data (:class:`~hf_align.diffusion.linear_filter.LinearSRFilter`).
 """
 
 from __future__ import annotations
@@ -31,11 +32,13 @@ from transformers import Trainer, TrainerCallback
 
 from hf_align.diffusion.dream import dream_rectify
 from hf_align.diffusion.images import _image_to_chw, bicubic_downsample, bicubic_upsample
+from hf_align.diffusion.linear_filter import LinearSRFilter
 from hf_align.pipelines.super_resolution import SuperResolutionPipeline, target_bound, truncating_clip_range
 
 from .dream_config import DREAMTrainingArguments
 
-__all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics", "target_range"]
+__all__ = ["DREAMTrainer", "SRPairCollator", "EMACallback", "sr_metrics", "target_range", "gradient_energy",
+           "CROP_SAMPLING"]
 
 _EMA_STATE = "ema_state.json"
 _TRAIN_UNET = "unet_train"
@@ -51,9 +54,28 @@ def _column(features: list[dict[str, Any]], column: str) -> list[Any]:
     return [f[column] for f in features]
 
 
+CROP_SAMPLING = ("gradient", "uniform")
+
+
+def gradient_energy(crop: np.ndarray) -> float:
+    """Mean squared finite difference of an ``(H, W, C)`` crop in [0, 1]:
+    ``E = (mean (x[i+1, j] - x[i, j])^2 + mean (x[i, j+1] - x[i, j])^2) / 2`` over pixels and channels, in float64.
+    0 for a flat crop; what bicubic up-sampling cannot restore grows with it."""
+    x = np.asarray(crop, dtype=np.float64)
+    return float(0.5 * (np.mean(np.diff(x, axis=0) ** 2) + np.mean(np.diff(x, axis=1) ** 2)))
+
+
 class SRPairCollator:
     """Make (LR, HR) pairs on the fly: a crop of ``crop_size`` (random, or centred when ``random_crop=False``),
     HR in [-1, 1], LR = anti-aliased bicubic down-sample by ``scale_factor``, ``up`` = bicubic up-sample of LR.
+
+    Random crops (``crop_sampling``):
+
+    - ``"gradient"`` (the trainer's default): ``crop_candidates`` uniformly placed candidates are drawn and one is
+      kept with probability ``p_i = E_i / sum_j E_j``, ``E`` = :func:`gradient_energy` (uniform among them if all
+      are flat). Flat crops (sky, water, bokeh) are rarely trained on, textured ones more often, and every crop
+      still has a chance: with n candidates a crop's probability rises from the uniform ``q`` to at most ``n q``.
+    - ``"uniform"``: one uniformly placed crop.
 
     Returns ``{"hr": (B, C, S, S), "lr": (B, C, S/s, S/s), "up": (B, C, S, S)}``. Random crops draw from
     ``generator`` when one is given (``collator(features, generator=g)`` or :meth:`pairs`), else from torch's
@@ -62,11 +84,16 @@ class SRPairCollator:
     """
 
     def __init__(self, crop_size: int, scale_factor: int, image_column: str = "image", random_crop: bool = True,
-                 channels: int = 3):
+                 channels: int = 3, crop_sampling: str = "uniform", crop_candidates: int = 8):
         if crop_size % scale_factor:
             raise ValueError(f"crop_size ({crop_size}) must be divisible by scale_factor ({scale_factor})")
+        if crop_sampling not in CROP_SAMPLING:
+            raise ValueError(f"crop_sampling must be one of {CROP_SAMPLING}, got {crop_sampling!r}")
+        if isinstance(crop_candidates, bool) or not isinstance(crop_candidates, int) or crop_candidates < 1:
+            raise ValueError(f"crop_candidates must be a positive int, got {crop_candidates!r}")
         self.crop_size, self.scale_factor = int(crop_size), int(scale_factor)
         self.image_column, self.random_crop, self.channels = image_column, random_crop, channels
+        self.crop_sampling, self.crop_candidates = crop_sampling, int(crop_candidates)
 
     def _crop(self, img: Any, generator: torch.Generator | None = None) -> torch.Tensor:
         s = self.crop_size
@@ -77,11 +104,21 @@ class SRPairCollator:
             h, w = shape[0], shape[1]
         if h < s or w < s:
             raise ValueError(f"image of size {h}x{w} is smaller than crop_size={s}")
-        if self.random_crop:
-            top = int(torch.randint(0, h - s + 1, (), generator=generator).item())
-            left = int(torch.randint(0, w - s + 1, (), generator=generator).item())
-        else:
+        if not self.random_crop:
             top, left = (h - s) // 2, (w - s) // 2
+            return self._cut(img, top, left)
+        n = self.crop_candidates if self.crop_sampling == "gradient" else 1
+        places = [(int(torch.randint(0, h - s + 1, (), generator=generator).item()),
+                   int(torch.randint(0, w - s + 1, (), generator=generator).item())) for _ in range(n)]
+        if n == 1:
+            return self._cut(img, *places[0])
+        crops = [self._cut(img, top, left) for top, left in places]
+        energy = torch.tensor([gradient_energy(c.permute(1, 2, 0).numpy()) for c in crops], dtype=torch.float64)
+        weights = energy if float(energy.sum()) > 0 else torch.ones(n, dtype=torch.float64)
+        return crops[int(torch.multinomial(weights, 1, generator=generator).item())]
+
+    def _cut(self, img: Any, top: int, left: int) -> torch.Tensor:
+        s = self.crop_size
         if isinstance(img, PIL.Image.Image):
             return _image_to_chw(img.crop((left, top, left + s, top + s)), self.channels)
         return _image_to_chw(np.asarray(img)[top : top + s, left : left + s], self.channels)
@@ -162,8 +199,10 @@ class DREAMTrainer(Trainer):
         model: the UNet (e.g. :func:`hf_align.diffusion.sr_unet`).
         args: :class:`DREAMTrainingArguments`.
         train_dataset / eval_dataset: ``datasets.Dataset`` with an image column (PIL or HWC arrays); images
-            are cropped and down-sampled on the fly by :class:`SRPairCollator` inside the training step, from a
-            generator seeded per step (:meth:`step_generator`), so resuming is exact; centre crops for evaluation.
+            are cropped (``args.crop_sampling``: gradient-energy sampling by default) and down-sampled on the fly
+            by :class:`SRPairCollator` inside the training step, from a generator seeded per step
+            (:meth:`step_generator`), so resuming is exact; centre crops for evaluation, where the linear
+            baseline (:meth:`fit_linear_baseline`) is reported beside bicubic.
         noise_scheduler: the training scheduler (default: a ``DDPMScheduler`` built from ``args``, clipping x0 to
             the target range :func:`target_range` and with ``args.timestep_spacing``; one that clips to less is
             refused).
@@ -196,7 +235,8 @@ class DREAMTrainer(Trainer):
         check_scheduler_range(noise_scheduler.config, target_range(args), "noise_scheduler")
         self.noise_scheduler = noise_scheduler
         self.pair_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, True,
-                                            self.image_channels)
+                                            self.image_channels, crop_sampling=args.crop_sampling,
+                                            crop_candidates=args.crop_candidates)
         if data_collator is None:
             data_collator = _UncroppedImages(args.image_column, self.image_channels)
         self.eval_collator = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, False,
@@ -211,6 +251,7 @@ class DREAMTrainer(Trainer):
         if self.ema is not None:
             self.add_callback(EMACallback(self.ema, self))
         self.train_wall_time = 0.0  # seconds spent in training steps only (no evaluation), for wall-clock plots
+        self.linear_filter: LinearSRFilter | None = None  # fitted on first use (fit_linear_baseline)
         self._step_rng: torch.Generator | None = None
         self._rng_step = (-1, 0)  # (global_step, micro-batch index) of the last seeded generator
 
@@ -294,9 +335,34 @@ class DREAMTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
+    def fit_linear_baseline(self, dataset=None) -> LinearSRFilter:
+        """Fit the linear baseline (:class:`~hf_align.diffusion.linear_filter.LinearSRFilter`, kernel
+        ``args.linear_baseline_kernel``) on ``args.linear_baseline_crops`` uniform random crops of ``dataset``
+        (default: the training set), drawn from a generator seeded by ``args.seed`` alone, so the fit is the same
+        whenever it happens and the training step's RNG is untouched. Kept as ``self.linear_filter``."""
+        args: DREAMTrainingArguments = self.args
+        ds = dataset if dataset is not None else self.train_dataset
+        if ds is None or not hasattr(ds, "__len__") or len(ds) == 0:
+            raise ValueError("the linear baseline is fitted on a map-style training dataset with at least one row")
+        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([int(args.seed), 0x11AEA5]).generate_state(1)[0]))
+        uniform = SRPairCollator(args.crop_size, args.scale_factor, args.image_column, True, self.image_channels,
+                                 crop_sampling="uniform")
+        rows = torch.randint(0, len(ds), (int(args.linear_baseline_crops),), generator=gen).tolist()
+
+        def batches(size=32):
+            for start in range(0, len(rows), size):
+                images = _column([ds[i] for i in rows[start : start + size]], args.image_column)
+                yield uniform.pairs(images, gen)["hr"]
+
+        self.linear_filter = LinearSRFilter.fit(batches(), args.scale_factor, args.linear_baseline_kernel)
+        return self.linear_filter
+
+    @torch.no_grad()
     def evaluate_sr(self, eval_dataset=None, num_inference_steps: int | None = None, scheduler: str | None = None,
                     max_samples: int | None = None, use_ema: bool = True) -> dict[str, float]:
-        """Sample SR images for the eval crops and return PSNR/SSIM (model and bicubic), no logging."""
+        """Sample SR images for the eval crops and return PSNR/SSIM of the model, of bicubic and (with
+        ``args.linear_baseline`` and a map-style training set) of the linear baseline, fitted on first use; no
+        logging."""
         ds = eval_dataset if eval_dataset is not None else self.eval_dataset
         if ds is None:
             raise ValueError("no eval_dataset given to evaluate")
@@ -304,13 +370,16 @@ class DREAMTrainer(Trainer):
         if n == 0:
             raise ValueError("eval_dataset is empty")
         steps = int(num_inference_steps or self.args.eval_num_inference_steps)
+        linear = self.linear_filter
+        if linear is None and self.args.linear_baseline and hasattr(self.train_dataset, "__len__"):
+            linear = self.fit_linear_baseline()
         pipe = self.pipeline(scheduler)
         unet = self._unet()
         was_training = unet.training
         unet.eval()
         gen = torch.Generator(device="cpu").manual_seed(self.args.eval_seed)
         bs = self.args.per_device_eval_batch_size
-        sr_all, hr_all, up_all = [], [], []
+        sr_all, hr_all, up_all, lin_all = [], [], [], []
         ctx = self.ema_weights() if use_ema else contextlib.nullcontext()
         try:
             with ctx:
@@ -320,18 +389,23 @@ class DREAMTrainer(Trainer):
                     sr_all.append(pipe(lr01, num_inference_steps=steps, generator=gen, output_type="np").images)
                     hr_all.append(((batch["hr"] + 1) / 2).permute(0, 2, 3, 1).numpy())
                     up_all.append(((batch["up"] + 1) / 2).permute(0, 2, 3, 1).numpy())
+                    if linear is not None:
+                        lin_all.append(((linear(batch["up"]) + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy())
         finally:
             unet.train(was_training)
         sr, hr, up = np.concatenate(sr_all), np.concatenate(hr_all), np.concatenate(up_all)
         psnr, ssim = sr_metrics(sr, hr)
         bpsnr, bssim = sr_metrics(up, hr)
-        return {"psnr": psnr, "ssim": ssim, "bicubic_psnr": bpsnr, "bicubic_ssim": bssim, "num_samples": n,
-                "num_inference_steps": steps}
+        out = {"psnr": psnr, "ssim": ssim, "bicubic_psnr": bpsnr, "bicubic_ssim": bssim}
+        if lin_all:
+            out["linear_psnr"], out["linear_ssim"] = sr_metrics(np.concatenate(lin_all), hr)
+        return {**out, "num_samples": n, "num_inference_steps": steps}
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval",
                  num_inference_steps: int | None = None):
         """Sample the eval crops with ``args.eval_scheduler`` for ``args.eval_num_inference_steps`` steps and log
-        ``{prefix}_psnr``, ``{prefix}_ssim``, ``{prefix}_bicubic_psnr``, ``{prefix}_bicubic_ssim``."""
+        ``{prefix}_psnr``, ``{prefix}_ssim``, ``{prefix}_bicubic_psnr``, ``{prefix}_bicubic_ssim`` and, with the
+        linear baseline, ``{prefix}_linear_psnr``, ``{prefix}_linear_ssim``."""
         start = time.time()
         res = self.evaluate_sr(eval_dataset, num_inference_steps=num_inference_steps,
                                max_samples=self.args.eval_max_samples)
@@ -374,6 +448,7 @@ class DREAMTrainer(Trainer):
         args = self.args
         recipe = {"dream_detail_preservation": args.dream_detail_preservation, "loss_type": args.loss_type,
                   "residual": args.residual, "residual_scale": args.residual_scale, "crop_size": args.crop_size,
+                  "crop_sampling": args.crop_sampling,
                   "learning_rate": args.learning_rate, "train_batch_size": args.per_device_train_batch_size,
                   "global_step": self.state.global_step, "use_ema": args.use_ema,
                   "num_train_timesteps": self.noise_scheduler.config.num_train_timesteps,
