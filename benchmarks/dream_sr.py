@@ -151,21 +151,11 @@ def make_unet(cfg: dict):
                    attention=cfg["attention"], norm_num_groups=8 if cfg["blocks"][0] < 64 else 32)
 
 
-def run_one(cfg: dict) -> dict:
-    import torch
-
-    torch.set_num_threads(cfg["threads"])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+def train_with_curve(tr, keys=("psnr", "ssim", "bicubic_psnr", "bicubic_ssim")):
+    """Train ``tr``, noting the training wall-clock (``tr.train_wall_time``) at every evaluation. Returns the curve
+    (per evaluation: step, train_s and ``eval_<key>`` of ``keys``) and the total wall seconds."""
     from transformers import TrainerCallback
 
-    from hf_align.trainers.dream_trainer import DREAMTrainer
-
-    method, seed = cfg["method"], cfg["seed"]
-    train_ds, eval_ds = build_datasets(cfg["crop"], cfg["eval_crop"], cfg["n_eval"])
-    torch.manual_seed(seed)
-    unet = make_unet(cfg)
-    args = make_args(cfg, method, seed, os.path.join(cfg["tmp"], f"{cfg['tag']}_{method}_{seed}"))
-    tr = DREAMTrainer(model=unet, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
     clock = {}
 
     class Clock(TrainerCallback):
@@ -176,9 +166,26 @@ def run_one(cfg: dict) -> dict:
     t0 = time.perf_counter()
     tr.train()
     total = time.perf_counter() - t0
-    curve = [{"step": h["step"], "train_s": clock.get(h["step"], float("nan")), "psnr": h["eval_psnr"],
-              "ssim": h["eval_ssim"], "bicubic_psnr": h["eval_bicubic_psnr"], "bicubic_ssim": h["eval_bicubic_ssim"]}
+    curve = [{"step": h["step"], "train_s": clock.get(h["step"], float("nan")), **{k: h[f"eval_{k}"] for k in keys}}
              for h in tr.state.log_history if "eval_psnr" in h]
+    return curve, total
+
+
+def run_one(cfg: dict) -> dict:
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from hf_align.trainers.dream_trainer import DREAMTrainer
+
+    method, seed = cfg["method"], cfg["seed"]
+    train_ds, eval_ds = build_datasets(cfg["crop"], cfg["eval_crop"], cfg["n_eval"])
+    torch.manual_seed(seed)
+    unet = make_unet(cfg)
+    args = make_args(cfg, method, seed, os.path.join(cfg["tmp"], f"{cfg['tag']}_{method}_{seed}"))
+    tr = DREAMTrainer(model=unet, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
+    curve, total = train_with_curve(tr)
     losses = [{"step": h["step"], "loss": h["loss"]} for h in tr.state.log_history if "loss" in h]
     final = []
     for sampler, steps in (("ddim", cfg["final_steps"]), ("ddpm", cfg["ddpm_steps"])):
