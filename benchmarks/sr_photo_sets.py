@@ -20,6 +20,7 @@ Usage:
     python benchmarks/sr_photo_sets.py --steps 900 --plasma-root root/usr/share/wallpapers
     python benchmarks/sr_photo_sets.py --summarize-only      # rebuild the report from the saved runs
     python benchmarks/sr_photo_sets.py --preset gpu-paper --device cuda --plasma-root ...   # the paper's scale
+    python benchmarks/sr_photo_sets.py --preset gpu-paper --dry-run --plasma-root ...       # its data, no training
 ``--preset gpu-paper`` is ``dream_sr.py``'s GPU configuration (SR3-size UNet, 4x on 128x128 crops, 100k steps) on
 both photo sets; its report goes to ``sr_photo_sets_gpu-paper.md``.
 """
@@ -123,7 +124,9 @@ def run_one(cfg: dict) -> dict:
     eval_ds = [{"image": c} for c in crops]
     torch.manual_seed(cfg["seed"])
     unet = make_unet(cfg)
-    args = make_args(cfg, "dream", cfg["seed"], os.path.join(cfg["tmp"], f"{cfg['set']}_{cfg['sampling']}_{cfg['seed']}"))
+    method = cfg.get("method", "dream")
+    args = make_args(cfg, method, cfg["seed"],
+                     os.path.join(cfg["tmp"], f"{cfg['set']}_{method}_{cfg['sampling']}_{cfg['seed']}"))
     args.crop_sampling = cfg["sampling"]
     tr = DREAMTrainer(model=unet, args=args, train_dataset=train_ds, eval_dataset=eval_ds)
     curve, total = train_with_curve(tr, ("psnr", "ssim", "bicubic_psnr", "linear_psnr"))
@@ -146,16 +149,18 @@ def run_one(cfg: dict) -> dict:
                      "train_textured_share": cfg["n_eval"] / own_tries, "held_textured_share": cfg["n_eval"] / tries,
                      "oracle_linear_psnr": o["linear_psnr"], "held_psnr": o["psnr"], "held_bicubic_psnr":
                      o["bicubic_psnr"], "steps": final[k]["steps"]}
-    out = {"set": cfg["set"], "sampling": cfg["sampling"], "seed": cfg["seed"], "config": cfg, "curve": curve,
+    out = {"set": cfg["set"], "sampling": cfg["sampling"], "method": method, "seed": cfg["seed"], "config": cfg,
+           "curve": curve,
            "diagnosis": diagnosis,
            "final": final, "eval_tries": tries, "eval_num_inference_steps": args.eval_num_inference_steps,
            "train_wall_s": tr.train_wall_time, "sec_per_step": tr.train_wall_time / cfg["steps"], "total_wall_s": total}
     runs = os.path.join(cfg["out_dir"], f"{tag_of(cfg['preset'])}_runs")
     os.makedirs(runs, exist_ok=True)
-    name = f"{cfg['set']}_{cfg['sampling']}_seed{cfg['seed']}" + ("_diagnosis" if cfg.get("diagnose") else "")
+    name = (f"{cfg['set']}_{cfg['sampling']}_seed{cfg['seed']}" + ("_standard" if method == "standard" else "")
+            + ("_diagnosis" if cfg.get("diagnose") else ""))
     with open(os.path.join(runs, name + ".json"), "w") as f:
         json.dump(out, f, indent=1)
-    print(f"[done] {cfg['set']} {cfg['sampling']} seed {cfg['seed']}: psnr {final[1]['psnr']:.2f} "
+    print(f"[done] {cfg['set']} {method} {cfg['sampling']} seed {cfg['seed']}: psnr {final[1]['psnr']:.2f} "
           f"(bicubic {final[1]['bicubic_psnr']:.2f}, linear {final[1]['linear_psnr']:.2f}), "
           f"{tr.train_wall_time:.0f} s train, {total:.0f} s total", flush=True)
     return out
@@ -203,7 +208,8 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
 
     runs_dir = os.path.join(out_dir, f"{tag_of(preset)}_runs")
     every = [json.load(open(os.path.join(runs_dir, f))) for f in sorted(os.listdir(runs_dir)) if f.endswith(".json")]
-    runs = [r for r in every if not r.get("diagnosis")]
+    runs = [r for r in every if not r.get("diagnosis") and r.get("method", "dream") == "dream"]
+    standard = [r for r in every if r.get("method") == "standard"]
     diagnoses = [r for r in every if r.get("diagnosis")]
     cfg = runs[0]["config"]
     tag = tag_of(preset)
@@ -257,12 +263,21 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
                 gb, gl = np.mean(ps) - e0["bicubic_psnr"], np.mean(ps) - lin_p
                 ds_ = np.mean(ss) - e0["bicubic_ssim"]
                 verdicts.append((s, gb, gl, ds_))
+        std = sorted([r for r in standard if r["set"] == s], key=lambda r: r["seed"])
+        if std:
+            ps = [r["final"][k]["psnr"] for r in std]
+            ss = [r["final"][k]["ssim"] for r in std]
+            L.append(f"| standard training (p = inf), gradient crops | {[r['seed'] for r in std]} | {_ms(ps)} | "
+                     f"{_ms(ss, '{:.4f}')} | {np.mean(ps) - e0['bicubic_psnr']:+.2f} | {np.mean(ps) - lin_p:+.2f} |")
         L.append("\nBy sampling steps (DDIM, mean of the seeds):\n")
-        L.append("| crops | " + " | ".join(f"{e['steps']} steps" for e in ref["final"]) + " |")
+        L.append("| training (crops) | " + " | ".join(f"{e['steps']} steps" for e in ref["final"]) + " |")
         L.append("|---|" + "---:|" * len(ref["final"]))
+        if std:
+            L.append("| standard (gradient) | " + " | ".join(f"{np.mean([r['final'][i]['psnr'] for r in std]):.2f}"
+                                                         for i in range(len(ref["final"]))) + " |")
         for m in ("gradient", "uniform"):
             if by[m]:
-                L.append(f"| {m} | " + " | ".join(f"{np.mean([r['final'][i]['psnr'] for r in by[m]]):.2f}"
+                L.append(f"| DREAM ({m}) | " + " | ".join(f"{np.mean([r['final'][i]['psnr'] for r in by[m]]):.2f}"
                                                 for i in range(len(ref["final"]))) + " |")
         # training curves and the plateau
         steps = [c["step"] for c in ref["curve"]]
@@ -296,7 +311,8 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
     if diagnoses:
         L.append("\n## Where the gap comes from\n")
         L.append("One more run per set (default recipe, its own seed) evaluated twice more: on textured crops of its "
-                 "own training photos, and against the linear filter fitted on the held-out photos themselves. "
+                 "own training photos, and against the linear filter fitted on the held-out photos themselves (these runs' "
+                 "own linear filters: the trainer's default of 1,024 crops). "
                  f"DDIM {diagnoses[0]['diagnosis']['steps']} steps.\n")
         L.append("| set | seed | textured share of random crops: training / held-out photos | model - linear on "
                  "held-out crops (dB) | model - linear on training crops (dB) | linear fitted on held-out - "
@@ -308,6 +324,11 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
             L.append(f"| {r['set']} | {r['seed']} | {d['train_textured_share']:.0%} / {d['held_textured_share']:.0%} | "
                      f"{d['held_psnr'] - lin_held:+.2f} | {d['train_crops']['psnr'] - d['train_crops']['linear_psnr']:+.2f}"
                      f" | {d['oracle_linear_psnr'] - lin_held:+.2f} |")
+        L.append("\nReading: when the model's lead over the linear filter on its own training photos is far above its lead "
+                 "on the held-out photos, it has learned detail of the training photos that does not carry over (the "
+                 "data); a small last column says that a linear map fitted on the held-out photos themselves would not "
+                 "do much better than the baseline (the baseline is not what is special about them). A PSNR plateau "
+                 "well before the last step (the sections above) rules out the budget.")
     mean_wall = np.mean([r["total_wall_s"] for r in runs])
     L.append(f"\nCPU budget: {np.mean([r['sec_per_step'] for r in runs]):.2f} s per training step, "
              f"{mean_wall / 60:.1f} min per run including evaluation (limit 30).\n")
@@ -341,6 +362,10 @@ def main():
     ap.add_argument("--diagnose", action="store_true",
                     help="one default run per set and seed, also evaluated on textured crops of its training photos "
                          "and against a linear filter fitted on the held-out photos (the report's gap section)")
+    ap.add_argument("--method", default="dream", choices=["dream", "standard"],
+                    help="standard: p = inf (DREAM vs standard on the same crops, seeds and budget)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="build each run's data and arguments (photo sets, textured held-out crops) and stop")
     ap.add_argument("--summarize-only", action="store_true")
     ap.add_argument("--command", default=None)
     a = ap.parse_args()
@@ -353,11 +378,27 @@ def main():
                     plasma_root=os.path.abspath(a.plasma_root), workers=a.workers, tag=tag_of(a.preset))
         if a.device:
             base["device"] = a.device
-        if a.diagnose:
+        if a.method == "standard":
+            jobs = [dict(base, set=s, sampling="gradient", seed=seed, method="standard") for seed in a.seeds
+                    for s in a.sets]
+        elif a.diagnose:
             jobs = [dict(base, set=s, sampling="gradient", seed=seed, diagnose=True) for seed in a.seeds for s in a.sets]
         else:
             jobs = [dict(base, set=s, sampling="gradient", seed=seed) for seed in a.seeds for s in a.sets]
             jobs += [dict(base, set=s, sampling="uniform", seed=seed) for seed in a.uniform_seeds for s in a.sets]
+        if a.dry_run:
+            for job in jobs:
+                train, held, _, _ = photo_set(job["set"], job["plasma_root"])
+                crops, tries = textured_crops(held, job["n_eval"], job["eval_crop"], job["scale"])
+                try:
+                    make_args(job, job.get("method", "dream"), job["seed"], os.path.join(a.tmp, "dry"))
+                    note = ""
+                except ValueError as error:  # bf16 / CUDA settings cannot be built without the device
+                    note = f" (arguments need the device: {str(error)[:60]})"
+                print(f"{job['set']} {job.get('method', 'dream')} {job['sampling']} seed {job['seed']}: "
+                      f"{len(train)} training photos, {len(crops)} held-out {job['eval_crop']}px crops of {tries} "
+                      f"drawn, {job['scale']}x, {job['steps']} steps of batch {job['batch']} on {job['device']}{note}")
+            return
         with mp.get_context("spawn").Pool(a.workers) as pool:
             for _ in pool.imap_unordered(run_one, jobs):
                 pass
