@@ -320,6 +320,10 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
         L.append("|---|---|---|---:|---:|---:|")
         for r in diagnoses:
             d = r["diagnosis"]
+            # the held-out share drawn as the training one (round-robin over draws, not over kept crops)
+            _, held = photo_set(r["set"], plasma_root or cfg["plasma_root"])[:2]
+            d["held_textured_share"] = cfg["n_eval"] / textured_crops(held, cfg["n_eval"], cfg["eval_crop"],
+                                                                      cfg["scale"], seed=4321, per_kept=False)[1]
             lin_held = r["final"][0]["linear_psnr"]  # this run's own fit on its training photos
             L.append(f"| {r['set']} | {r['seed']} | {d['train_textured_share']:.0%} / {d['held_textured_share']:.0%} | "
                      f"{d['held_psnr'] - lin_held:+.2f} | {d['train_crops']['psnr'] - d['train_crops']['linear_psnr']:+.2f}"

@@ -198,6 +198,7 @@ def test_trainer_reports_the_linear_baseline_fitted_on_its_training_crops(tmp_pa
 def test_arguments_are_checked(tmp_path):
     base = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, crop_size=16, scale_factor=2)
     for bad, match in [({"crop_sampling": "sobel"}, "crop_sampling"), ({"crop_candidates": 0}, "crop_candidates"),
-                       ({"linear_baseline_kernel": 4}, "odd"), ({"linear_baseline_crops": -1}, "linear_baseline_crops")]:
+                       ({"linear_baseline_kernel": 4}, "odd"), ({"linear_baseline_crops": -1}, "linear_baseline_crops"),
+                       ({"linear_baseline_kernel": 41}, "needs crops larger than 20 pixels")]:
         with pytest.raises(ValueError, match=match):
             DREAMTrainingArguments(**base, **bad)

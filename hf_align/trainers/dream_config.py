@@ -143,6 +143,10 @@ class DREAMTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if self.linear_baseline_kernel % 2 == 0:
             raise ValueError(f"linear_baseline_kernel must be odd, got {self.linear_baseline_kernel}")
+        if self.linear_baseline and self.crop_size <= self.linear_baseline_kernel // 2:
+            raise ValueError(f"linear_baseline_kernel={self.linear_baseline_kernel} needs crops larger than "
+                             f"{self.linear_baseline_kernel // 2} pixels, got crop_size={self.crop_size}: pass a smaller "
+                             "odd kernel or linear_baseline=False")
         if self.eval_scheduler not in ("ddim", "ddpm", "dpm"):
             raise ValueError(f"eval_scheduler must be 'ddim', 'ddpm' or 'dpm', got {self.eval_scheduler!r}")
         if self.timestep_spacing not in ("trailing", "leading", "linspace"):
