@@ -178,18 +178,10 @@ dist.destroy_process_group()
 def test_two_processes_equal_one(tmp_path):
     """Batches dealt round-robin over 2 gloo processes, statistics and NC4 counts summed: the 1-process report."""
     import json
-    import os
-    import subprocess
-    import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "run.py"
-    script.write_text(_DIST_SCRIPT.format(root=root, tests=os.path.join(root, "tests")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523", str(script),
-           str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from torchrun import run_two_processes
+
+    run_two_processes(_DIST_SCRIPT, tmp_path, 29523, "out.json")
     two = json.loads((tmp_path / "out.json").read_text())
     data, _, _ = make_data("bert")
     with warnings.catch_warnings():

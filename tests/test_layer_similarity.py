@@ -2,8 +2,6 @@
 ``output_hidden_states=True`` forward over all the data at once, pooled by hand, numpy n x n CKA formulas."""
 
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -12,6 +10,7 @@ import pytest
 import torch
 from references import ref_linear_cka as ref_cka
 from references import ref_u_center as ref_u
+from torchrun import run_two_processes
 from transformers import BertConfig, BertForSequenceClassification
 
 from hf_align.analysis import rank_correlation
@@ -200,13 +199,7 @@ _DIST_SCRIPT = textwrap.dedent(
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "run.py"
-    script.write_text(_DIST_SCRIPT.format(root=root, tests=os.path.join(root, "tests")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517", str(script), str(tmp_path / "out.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(_DIST_SCRIPT, tmp_path, 29517, "out.json")
     import json
 
     two = json.loads((tmp_path / "out.json").read_text())

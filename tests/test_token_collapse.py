@@ -4,15 +4,13 @@ head for the last layer), padding / -100 exclusion, the options, and 2 processes
 
 import json
 import math
-import os
-import subprocess
-import sys
 import warnings
 
 import numpy as np
 import pytest
 import torch
 from tiny_models import tiny_decoder, tiny_model
+from torchrun import run_two_processes
 
 from hf_align import collapse_report
 from hf_align.analysis.collapse import TokenCollapseReport, gnc2, token_collapse_report
@@ -283,14 +281,7 @@ dist.destroy_process_group()
 
 @pytest.mark.slow
 def test_two_processes_equal_one(tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    script = tmp_path / "run.py"
-    script.write_text(_DIST_SCRIPT.format(root=root, tests=os.path.join(root, "tests")))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531", str(script),
-           str(tmp_path / "out")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_processes(_DIST_SCRIPT, tmp_path, 29531, "out")
     batches = make_batches() + make_batches(5)
     for min_count in (1, 2):
         two = json.loads((tmp_path / f"out{min_count}").read_text())
