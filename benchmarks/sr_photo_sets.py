@@ -28,6 +28,7 @@ both photo sets; its report goes to ``sr_photo_sets_gpu-paper.md``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -71,13 +72,12 @@ def load_plasma(name: str, root: str) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(im, dtype=np.uint8))
 
 
+@functools.lru_cache(maxsize=4)
 def photo_set(name: str, root: str):
-    """(training photos, held-out photos, provenance lines)."""
+    """(training photos, held-out photos), loaded once per process."""
     if name == "skimage":
-        return ([load_photo(n) for n in TRAIN], [load_photo(n) for n in HELD_OUT],
-                [f"{n} ({PHOTOS[n][1]})" for n in TRAIN], [f"{n} ({PHOTOS[n][1]})" for n in HELD_OUT])
-    return ([load_plasma(n, root) for n in PLASMA_TRAIN], [load_plasma(n, root) for n in PLASMA_HELD_OUT],
-            [f"{n} ({PLASMA[n][1]})" for n in PLASMA_TRAIN], [f"{n} ({PLASMA[n][1]})" for n in PLASMA_HELD_OUT])
+        return [load_photo(n) for n in TRAIN], [load_photo(n) for n in HELD_OUT]
+    return [load_plasma(n, root) for n in PLASMA_TRAIN], [load_plasma(n, root) for n in PLASMA_HELD_OUT]
 
 
 def bicubic_psnr(crop: np.ndarray, scale: int) -> float:
@@ -116,7 +116,7 @@ def run_one(cfg: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hf_align.trainers.dream_trainer import DREAMTrainer
 
-    train, held, _, _ = photo_set(cfg["set"], cfg["plasma_root"])
+    train, held = photo_set(cfg["set"], cfg["plasma_root"])
     crops, tries = textured_crops(held, cfg["n_eval"], cfg["eval_crop"], cfg["scale"])
     # each photo repeated so that a batch holds `batch` rows (a dataset shorter than the batch would shrink it);
     # the trainer's shuffled sampler then draws photos, and the crops inside them, independently per row
@@ -174,7 +174,7 @@ def linear_reference(set_name: str, root: str, cfg: dict, crops: int = 1024, see
     from hf_align.diffusion import LinearSRFilter
     from hf_align.trainers.dream_trainer import SRPairCollator, sr_metrics
 
-    train, held, _, _ = photo_set(set_name, root)
+    train, held = photo_set(set_name, root)
     held_crops, _ = textured_crops(held, cfg["n_eval"], cfg["eval_crop"], cfg["scale"])
     pairs = SRPairCollator(cfg["eval_crop"], cfg["scale"], random_crop=False).pairs(held_crops)
     hr = ((pairs["hr"] + 1) / 2).permute(0, 2, 3, 1).numpy()
@@ -321,7 +321,7 @@ def summarize(cmd: str, out_dir: str = RESULTS, preset: str = "cpu", plasma_root
         for r in diagnoses:
             d = r["diagnosis"]
             # the held-out share drawn as the training one (round-robin over draws, not over kept crops)
-            _, held = photo_set(r["set"], plasma_root or cfg["plasma_root"])[:2]
+            _, held = photo_set(r["set"], plasma_root or cfg["plasma_root"])
             d["held_textured_share"] = cfg["n_eval"] / textured_crops(held, cfg["n_eval"], cfg["eval_crop"],
                                                                       cfg["scale"], seed=4321, per_kept=False)[1]
             lin_held = r["final"][0]["linear_psnr"]  # this run's own fit on its training photos
@@ -393,7 +393,7 @@ def main():
             jobs += [dict(base, set=s, sampling="uniform", seed=seed) for seed in a.uniform_seeds for s in a.sets]
         if a.dry_run:
             for job in jobs:
-                train, held, _, _ = photo_set(job["set"], job["plasma_root"])
+                train, held = photo_set(job["set"], job["plasma_root"])
                 crops, tries = textured_crops(held, job["n_eval"], job["eval_crop"], job["scale"])
                 try:
                     make_args(job, job.get("method", "dream"), job["seed"], os.path.join(a.tmp, "dry"))
