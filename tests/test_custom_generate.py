@@ -190,6 +190,29 @@ def test_streamer_gets_every_token_once_in_order(llama):
     assert all(torch.equal(a, b) for a, b in zip(mine.puts, theirs.puts))
 
 
+@pytest.mark.parametrize("decoding", ["self_speculative", "per_token_exit"])
+def test_streamer_through_model_generate_custom_generate(llama, decoding):
+    """transformers 5's generate drops `streamer` before calling a custom_generate callable (it puts the prompt only);
+    both decoders read it back from generate's frame, so the stream equals stock generate's, put for put."""
+    ids, mask = _ragged(2)
+    ids, mask = ids[:1], mask[:1]
+    theirs, mine = Recorder(), Recorder()
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)
+    reference = llama.generate(input_ids=ids, attention_mask=mask, streamer=theirs, **kwargs)
+    extra = dict(exit_layer=1, num_draft_tokens=3) if decoding == "self_speculative" else dict(threshold=1.0)
+    ours = llama.generate(input_ids=ids, attention_mask=mask, streamer=mine,
+                          custom_generate=getattr(hf_align, decoding), **extra, **kwargs)
+    assert torch.equal(ours if torch.is_tensor(ours) else ours.sequences, reference)
+    assert mine.ended == theirs.ended == 1
+    assert len(mine.puts) == len(theirs.puts) == 1 + 10
+    assert all(torch.equal(a, b) for a, b in zip(mine.puts, theirs.puts))
+    # no streamer given: nothing is picked up from anywhere else
+    quiet = llama.generate(input_ids=ids, attention_mask=mask, custom_generate=getattr(hf_align, decoding),
+                           **extra, **kwargs)
+    assert torch.equal(quiet if torch.is_tensor(quiet) else quiet.sequences, reference)
+    assert len(mine.puts) == 11
+
+
 def test_text_streamer_text_equals_decoded_output(llama):
     tokenizer = _tokenizer()
     ids, _ = _ragged(1)

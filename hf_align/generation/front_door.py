@@ -10,6 +10,8 @@ module says so before any forward runs.
 
 from __future__ import annotations
 
+import inspect
+import sys
 import weakref
 from typing import Any
 
@@ -211,3 +213,27 @@ def check_front(model: Any, input_ids: Any, attention_mask: Any, who: str = DECO
     check_input_ids(input_ids, who)
     check_attention_mask(input_ids, attention_mask, who)
     return hf_model
+
+
+def generate_streamer(streamer: Any) -> Any:
+    """The streamer of the ``generate`` call that invoked this ``custom_generate`` callable.
+
+    transformers 5's ``generate`` puts the prompt into ``streamer=`` and then drops it: its
+    ``_extract_generation_mode_kwargs`` rebuilds the mode arguments from the callable's own extra parameters only,
+    so ``model.generate(custom_generate=hf_align.self_speculative, streamer=s)`` would stream the prompt and never
+    a new token. The streamer is still ``generate``'s own local variable: read it from the calling ``generate``
+    frame (found by its code object, not by name), so every emitted token reaches it. A streamer passed
+    explicitly wins; outside ``generate`` this returns ``None``."""
+    if streamer is not None:
+        return streamer
+    from transformers.generation.utils import GenerationMixin
+
+    code = inspect.unwrap(GenerationMixin.generate).__code__
+    frame = sys._getframe(1)
+    for _ in range(16):  # generate -> (decorators) -> the callable
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_code is code:
+            return frame.f_locals.get("streamer")
+    return None

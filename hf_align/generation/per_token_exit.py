@@ -59,6 +59,7 @@ from .front_door import (
     check_front,
     check_generation,
     check_input_ids,
+    generate_streamer,
     layer_view,
     positions_from_mask,
 )
@@ -174,7 +175,7 @@ class PerTokenEarlyExit:
         check_front(self.model, input_ids, attention_mask)
         if attention_mask is not None:
             generate_kwargs["attention_mask"] = attention_mask
-        decoding = functools.partial(per_token_exit, runner=self, streamer=generate_kwargs.get("streamer"))
+        decoding = functools.partial(per_token_exit, runner=self)
         return GenerationMixin.generate(self.model, input_ids=input_ids, custom_generate=decoding, **generate_kwargs)
 
     def _decode(self, input_ids, logits_processor, stopping_criteria, config, streamer, model_kwargs):
@@ -346,6 +347,7 @@ def per_token_exit(
     custom_generate=hf_align.per_token_exit, threshold=0.9)`` (greedy; ``generate``'s logits processors are applied
     to the exit logits, its stopping criteria checked after every token). Its own options: ``threshold``,
     ``confidence``, ``min_exit_layer`` (see :class:`PerTokenEarlyExit`), or a ready ``runner``."""
+    streamer = generate_streamer(streamer)
     hf_model = check_decoder(model)
     check_generation(hf_model, generation_config, model_kwargs, logits_processor, synced_gpus=synced_gpus)
     check_input_ids(input_ids)
@@ -384,5 +386,5 @@ def early_exit_generate(model: torch.nn.Module, *, threshold: float = 0.9, confi
     input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.get("attention_mask")
     hf_model = check_front(model, input_ids, attention_mask)  # checks before any forward (the view's self-check)
     decoding = functools.partial(per_token_exit, threshold=threshold, confidence=confidence,
-                                 min_exit_layer=min_exit_layer, streamer=kwargs.get("streamer"))
+                                 min_exit_layer=min_exit_layer)
     return GenerationMixin.generate(hf_model, input_ids=input_ids, custom_generate=decoding, **kwargs)

@@ -33,7 +33,6 @@ scores one position at a time for the whole batch, as in ``_sample``.
 from __future__ import annotations
 
 import copy
-import functools
 import time
 import warnings
 from dataclasses import dataclass, field, replace
@@ -58,6 +57,7 @@ from .front_door import (
     check_generation,
     check_input_ids,
     check_rope,
+    generate_streamer,
     layer_view,
     positions_from_mask,
 )
@@ -738,6 +738,7 @@ def self_speculative(
     count, so the processor is always called on the whole batch at one length, as ``_sample`` calls it.
     Sliding-window models also advance together (the window counts cache slots).
     """
+    streamer = generate_streamer(streamer)
     hf_model = check_decoder(model)
     config = generation_config
     check_generation(hf_model, config, model_kwargs, logits_processor, synced_gpus=synced_gpus)
@@ -830,14 +831,11 @@ def self_speculative(
 
 
 def _route_extras(kwargs: dict[str, Any], generation_config: GenerationConfig | None):
-    """transformers 5's ``generate`` does not hand ``streamer`` and ``tokenizer`` to a ``custom_generate`` callable
-    (its ``_extract_generation_mode_kwargs`` keeps only the callable's own parameters), so the streamer would get
-    the prompt only and ``stop_strings`` would find no tokenizer. Route them: the streamer is bound to the callable
-    (generate still puts the prompt), and ``stop_strings`` become a ``StopStringCriteria`` in ``stopping_criteria``."""
+    """transformers 5's ``generate`` does not hand ``tokenizer`` to a ``custom_generate`` callable (its
+    ``_extract_generation_mode_kwargs`` keeps only the callable's own parameters), so ``stop_strings`` would find no
+    tokenizer: they become a ``StopStringCriteria`` in ``stopping_criteria`` here. (The streamer, dropped the same
+    way, is read back from ``generate``'s frame: :func:`~hf_align.generation.front_door.generate_streamer`.)"""
     decoding = self_speculative
-    streamer = kwargs.get("streamer")
-    if streamer is not None:
-        decoding = functools.partial(self_speculative, streamer=streamer)
     stop_strings = kwargs.pop("stop_strings", None)
     if stop_strings is None and generation_config is not None:
         stop_strings = generation_config.stop_strings
