@@ -125,6 +125,46 @@ def test_auto_draft_count_measures_the_rounds_of_the_call():
     assert calib["predicted_speedup"][f"{first[0]},{first[1]}"] > 0
 
 
+def test_auto_choice_counts_the_measured_round_overhead_and_the_measured_plain_step():
+    """The decision rule, by hand: rounds whose wall time exceeds the timed parts by o per position are predicted at
+    E(alpha, n) / (T(k, n) + (n+1) o) * t_plain, with t_plain the measured plain step; once that is below 1 for
+    every (k, n), the call falls back to plain decoding. Until three rounds were timed, the overhead counts as 0."""
+    from hf_align.generation.auto_exit import ExitChooser, expected_tokens_per_round
+
+    chooser = ExitChooser(hf_align.LayerView(_decoder("llama", "LlamaForCausalLM")))
+    ms = 1e-3
+    chooser.costs = {m: {"preamble": 0.5 * ms, "block": ms * (1 + 0.05 * (m - 1)), "head": 0.2 * ms}
+                     for m in range(1, 10)}
+    chooser.prior = {k: 0.9 for k in chooser.candidates}
+
+    def by_hand(k, n, overhead, plain):
+        parts = ((n + 1) * (0.5 * ms + k * ms) + n * 0.2 * ms + 0.5 * ms + (L - k) * ms * (1 + 0.05 * n)
+                 + 0.2 * ms)
+        return expected_tokens_per_round(chooser.alpha(k), n) / (parts + (n + 1) * overhead) * plain
+
+    chooser.current = chooser._best()
+    assert chooser.predicted_speedup(*chooser.current) == pytest.approx(
+        by_hand(*chooser.current, 0.0, 0.5 * ms + L * ms + 0.2 * ms), rel=1e-12)
+    assert chooser.needs_plain_probe()
+    plain = 5.0 * ms  # the real plain step costs more than its parts (4.7 ms)
+    chooser.observe_plain(plain)
+    chooser.observe_plain(plain)
+    assert not chooser.needs_plain_probe() and not chooser.plain
+    assert chooser.plain_seconds() == plain
+    k, n = chooser.current
+    assert chooser.predicted_speedup(k, n) == pytest.approx(by_hand(k, n, 0.0, plain), rel=1e-12) and \
+        chooser.predicted_speedup(k, n) > 1
+    overhead = 3.0 * ms  # per position: every round is slower than any gain
+    assert max(by_hand(kk, nn, overhead, plain) for kk in chooser.candidates for nn in chooser.draft_counts) < 1
+    for r in range(4):  # the first round is not timed; the overhead counts from the third timed one
+        k, n = chooser.current
+        chooser.observe(k, n, accepted=n, drafted=n, rejections=0,
+                        seconds=chooser.part_seconds(k, n) + (n + 1) * overhead)
+        assert chooser.plain is (r == 3)
+    assert chooser.overhead_per_position() == pytest.approx(overhead, rel=1e-9)
+    assert chooser.report()["plain_step_s"]["measured"] == plain
+
+
 def test_auto_prior_is_the_teacher_forced_agreement_on_the_prompt():
     """The prior of the automatic choice, recomputed independently: the layer view's per-layer logits over the
     prompt itself, and the agreement of each layer's argmax with the last layer's at the real positions that predict

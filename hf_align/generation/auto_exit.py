@@ -10,6 +10,13 @@ the draft count n inside the call, from the prompt and from the call's own round
 * **Prediction.** With i.i.d. acceptance alpha a round emits ``E(alpha, n) = (1 - alpha^{n+1}) / (1 - alpha)``
   tokens and costs ``T(k, n) = (n+1)(t_pre_1 + k t_block_1) + n t_head_1 + t_pre_{n+1} + (L-k) t_block_{n+1} +
   t_head_{n+1}``; the choice maximises ``E(alpha_k, n) / T(k, n)``.
+* **Overheads, measured on the call's own steps.** What the parts above leave out (the draft steps' processors and
+  picks, the verify positions' processors, the cache bookkeeping, emission) is measured from the wall time of
+  every round: ``o = median over rounds of (measured - T(k, n)) / (n + 1)``, an overhead per drafted or verified
+  position, so the choice compares ``T(k, n) + (n+1) o``. The plain alternative is measured the same way: with the
+  exit layer automatic, the first two tokens after the prefill are decoded plainly and timed (they are real
+  tokens of the call), so ``t_plain`` is the measured median. This is what keeps a call from speculating where
+  the parts predict a gain that the whole round does not deliver (large batches on a CPU).
 * **Re-chosen as the call goes.** After every round the depth in use has a measured acceptance (accepted drafts and
   rejections: the maximum-likelihood alpha is ``accepted / (accepted + rejections)``), combined with its prior as
   ``w`` pseudo-observations; depths not yet used get their prior scaled by the measured/prior ratio of the depths
@@ -74,6 +81,9 @@ class ExitChooser:
         self.plain = False  # no (k, n) is predicted faster than plain decoding: decode the ordinary way
         self.history: list[tuple[int, int]] = []
         self.seconds = 0.0
+        self.round_overheads: list[float] = []  # per position: (measured round - T(k, n)) / (n + 1)
+        self.plain_times: list[float] = []  # measured plain steps (with emission)
+        self._first_round = True
 
     # -- calibration -----------------------------------------------------------------------------------
 
@@ -126,14 +136,39 @@ class ExitChooser:
 
     # -- prediction ------------------------------------------------------------------------------------
 
-    def round_seconds(self, k: int, n: int) -> float:
+    def part_seconds(self, k: int, n: int) -> float:
+        """T(k, n): a round's preambles, blocks and heads, from the timed parts alone."""
         one, many = self.costs[1], self.costs[n + 1]
         return ((n + 1) * (one["preamble"] + k * one["block"]) + n * one["head"] + many["preamble"]
                 + (self.num_layers - k) * many["block"] + many["head"])
 
-    def plain_seconds(self) -> float:
+    def overhead_per_position(self) -> float:
+        # (0 until three rounds were timed: one slow round must not end speculation for the rest of the call)
+        return statistics.median(self.round_overheads[-16:]) if len(self.round_overheads) >= 3 else 0.0
+
+    def round_seconds(self, k: int, n: int) -> float:
+        """T(k, n) + (n + 1) o: the parts plus the measured overhead per drafted or verified position."""
+        return self.part_seconds(k, n) + (n + 1) * self.overhead_per_position()
+
+    def plain_part_seconds(self) -> float:
         one = self.costs[1]
         return one["preamble"] + self.num_layers * one["block"] + one["head"]
+
+    def plain_seconds(self) -> float:
+        """A plain step: measured in this call when it was (the median), else from the timed parts."""
+        return statistics.median(self.plain_times[-16:]) if self.plain_times else self.plain_part_seconds()
+
+    def needs_plain_probe(self) -> bool:
+        """With the exit layer automatic, the first two tokens after the prefill are plain steps, timed."""
+        return self.allow_plain and not self.plain and len(self.plain_times) < 2
+
+    def observe_plain(self, seconds: float) -> None:
+        """Fold one measured plain step (compute and emission) in; fall back to plain if nothing beats it."""
+        start = time.perf_counter()
+        self.plain_times.append(seconds)
+        if not self.needs_plain_probe():
+            self._check_plain()
+        self.seconds += time.perf_counter() - start
 
     def alpha(self, k: int) -> float:
         w = self.prior_weight
@@ -154,9 +189,15 @@ class ExitChooser:
     def choice(self) -> tuple[int, int]:
         return self.current
 
-    def observe(self, k: int, n: int, accepted: int, drafted: int, rejections: int) -> None:
-        """Fold one round's measured acceptance in and re-choose (with hysteresis)."""
+    def observe(self, k: int, n: int, accepted: int, drafted: int, rejections: int,
+                seconds: float | None = None) -> None:
+        """Fold one round's measured acceptance (and its wall time, compute and emission: the per-position
+        overhead; the call's first round, which also checks the draft steps' shortcut, is not timed) in and
+        re-choose (with hysteresis)."""
         start = time.perf_counter()
+        if seconds is not None and not self._first_round:
+            self.round_overheads.append((seconds - self.part_seconds(k, n)) / (n + 1))
+        self._first_round = False
         if drafted:
             seen = self.observed.setdefault(k, [0, 0])
             seen[0] += accepted
@@ -183,6 +224,9 @@ class ExitChooser:
             "predicted_speedup": {f"{layer},{count}": self.predicted_speedup(layer, count)
                                   for layer in self.candidates for count in self.draft_counts},
             "costs_s": {m: dict(c) for m, c in self.costs.items()},
+            "overhead_per_position_s": self.overhead_per_position(),
+            "plain_step_s": {"measured": statistics.median(self.plain_times) if self.plain_times else None,
+                             "parts": self.plain_part_seconds()},
             "history": list(self.history),
             "plain": self.plain,
             "calibration_seconds": self.seconds,

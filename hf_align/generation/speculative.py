@@ -148,7 +148,7 @@ class SpeculativeStats:
     calibration: dict[str, Any] | None = None
     fast_path: bool | None = None  # draft steps skipped the model's preamble (checked bit-exact on first use)
     ragged: bool | None = None  # rows advanced by their own accepted counts (else together, by the smallest)
-    plain_steps: int = 0  # ordinary decoding steps (automatic choice: no draft depth predicted to pay off)
+    plain_steps: int = 0  # ordinary decoding steps (automatic exit: the 2 timed ones, and all after falling back)
     block_positions: list[int] = field(default_factory=list)  # positions run through each block (KV-reuse check)
 
     @property
@@ -802,18 +802,23 @@ def self_speculative(
             remaining = decoder.max_new - (decoder.length - decoder.prompt_length)[~decoder.compute_done]
             if remaining.numel() == 0:  # nothing to compute, yet some row is unfinished: cannot happen with
                 break  # generate's criteria (max_length always stops); guard against custom lists without it
-            if chooser is not None and chooser.plain:  # no draft depth pays off: decode the ordinary way
+            if chooser is not None and (chooser.plain or chooser.needs_plain_probe()):
+                # no draft depth pays off (decode the ordinary way), or a plain step is being timed
+                begin = time.perf_counter()
                 decoder.plain_step()
                 stats.plain_steps += 1
                 done = decoder.emit()
+                if not chooser.plain:
+                    chooser.observe_plain(time.perf_counter() - begin)
                 continue
             n = max(0, min(n, int(remaining.max()) - 1))
             before = (stats.accepted, stats.drafted, stats.rejections)
+            begin = time.perf_counter()
             decoder.round(k, n, stats)
+            done = decoder.emit()
             if chooser is not None:
                 chooser.observe(k, n, stats.accepted - before[0], stats.drafted - before[1],
-                                stats.rejections - before[2])
-            done = decoder.emit()
+                                stats.rejections - before[2], seconds=time.perf_counter() - begin)
         if streamer is not None:
             streamer.end()
         stats.seconds = time.perf_counter() - start_time
