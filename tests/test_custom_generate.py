@@ -476,3 +476,71 @@ def test_auto_when_the_first_token_ends_the_call(llama):
     reference = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False)
     out, stats = speculative_generate(llama, ids, mask, max_new_tokens=1, return_stats=True)
     assert torch.equal(out, reference) and stats.rounds == 0 and stats.calibration is None
+
+
+def _compile_everywhere(**kwargs):
+    config = T.CompileConfig(dynamic=False, **kwargs)
+    config._compile_all_devices = True  # transformers' own switch to compile on a CPU ("useful for testing")
+    return config
+
+
+def test_compiled_path_follows_generates_compile_criteria(llama, monkeypatch):
+    """torch.compile is used exactly where generate would compile its decoding steps: a static cache, on a GPU-like
+    device or with compile_config._compile_all_devices, and not with disable_compile."""
+    from hf_align.generation import speculative as S
+
+    compiled = []
+    monkeypatch.setattr(S, "_COMPILED", {})
+    monkeypatch.setattr(S._CompiledSegments, "__call__",
+                        lambda self, start, blocks, hidden, arguments: compiled.append(start) or
+                        S._run_segment(blocks, hidden, arguments))
+    ids, mask = _ragged(2)
+    cases = [
+        (dict(), False),  # dynamic cache
+        (dict(cache_implementation="static"), False),  # on a CPU generate does not compile either
+        (dict(cache_implementation="static", compile_config=_compile_everywhere()), True),
+        (dict(cache_implementation="static", compile_config=_compile_everywhere(), disable_compile=True), False),
+    ]
+    reference = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    for kwargs, expected in cases:
+        compiled.clear()
+        stats = hf_align.SpeculativeStats(exit_layer=2, num_draft_tokens=3, num_layers=L)
+        out = llama.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                             custom_generate=self_speculative, exit_layer=2, num_draft_tokens=3,
+                             speculative_stats=stats, **kwargs)
+        assert torch.equal(out, reference)
+        assert stats.compiled is expected and bool(compiled) is expected, kwargs
+        if expected:  # draft segments start at block 0, verify segments at block k
+            assert set(compiled) == {0, 2}
+
+
+@pytest.mark.slow
+def test_compiled_path_is_exact_and_compiles_each_segment_once():
+    """Under torch.compile (inductor, on this CPU through _compile_all_devices), greedy output still equals stock
+    generate token for token, for a fixed (k, n) and for the automatic choice with its plain fallback; a second call
+    compiles no new graph; nothing stays on the model."""
+    from hf_align.generation import speculative as S
+
+    model = _decoder(seed=5)
+    before = _fingerprint(model)
+    ids, mask = _ragged(3)
+    compile_config = _compile_everywhere()
+    gen = dict(max_new_tokens=10, do_sample=False, eos_token_id=None)
+    reference = model.generate(input_ids=ids, attention_mask=mask, **gen)
+    for options in (dict(exit_layer=1, num_draft_tokens=2), dict(exit_layer="auto")):
+        graphs = []
+        for _ in range(2):
+            stats = hf_align.SpeculativeStats(exit_layer=0, num_draft_tokens=0, num_layers=L)
+            out = model.generate(input_ids=ids, attention_mask=mask, custom_generate=self_speculative,
+                                 cache_implementation="static", compile_config=compile_config,
+                                 speculative_stats=stats, **options, **gen)
+            assert torch.equal(out, reference), options
+            assert stats.compiled
+            graphs.append(sum(len(c.functions) for c in S._COMPILED.values()))
+        assert graphs[1] == graphs[0] and graphs[0] >= 1
+    assert not hasattr(model, "_compiled_call")
+    after = _fingerprint(model)
+    # generate itself keeps its static cache (and its length) on the model: stock behaviour with a static cache
+    stock = ("_cache", "_previous_max_cache_length")
+    assert _same((*before[:2], [v for v in before[2] if v not in stock], *before[3:]),
+                 (*after[:2], [v for v in after[2] if v not in stock], *after[3:]))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import time
+import types
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -149,6 +150,7 @@ class SpeculativeStats:
     fast_path: bool | None = None  # draft steps skipped the model's preamble (checked bit-exact on first use)
     ragged: bool | None = None  # rows advanced by their own accepted counts (else together, by the smallest)
     plain_steps: int = 0  # ordinary decoding steps (automatic exit: the 2 timed ones, and all after falling back)
+    compiled: bool = False  # draft, verify and plain steps ran under torch.compile (generate's compile criteria)
     block_positions: list[int] = field(default_factory=list)  # positions run through each block (KV-reuse check)
 
     @property
@@ -165,7 +167,8 @@ class SpeculativeStats:
 
     def to_dict(self) -> dict[str, Any]:
         keys = ("exit_layer", "num_draft_tokens", "num_layers", "batch_size", "rounds", "drafted", "accepted",
-                "new_tokens", "seconds", "fast_path", "ragged", "rejections", "plain_steps", "acceptance_rate", "tokens_per_round", "tokens_per_second")
+                "new_tokens", "seconds", "fast_path", "ragged", "rejections", "plain_steps", "compiled", "acceptance_rate", "tokens_per_round",
+                "tokens_per_second")
         out = {key: getattr(self, key) for key in keys}
         if self.calibration is not None:
             out["calibration"] = self.calibration
@@ -337,6 +340,7 @@ class _Decoder:
         self.fast = None  # None: not yet checked; True/False: draft steps skip the model's preamble (see _fast_state)
         self.pending = None  # (B,) each row's last token, not yet in the cache
         self.layer_agreement: dict[int, tuple[int, int]] | None = None
+        self.compiled = None  # the compiled block runner (static cache, generate's compile criteria): set by the caller
 
     # -- helpers ---------------------------------------------------------------------------------------
 
@@ -354,7 +358,11 @@ class _Decoder:
         if self.counts is not None:
             for layer in range(state.depth, until):
                 self.counts[layer] += state.hidden.shape[1]
-        return self.view.run_blocks(state, until)
+        if self.compiled is None or until == state.depth:
+            return self.view.run_blocks(state, until)
+        arguments = [state.arguments_of(layer + 1) for layer in range(state.depth, until)]
+        hidden = self.compiled(state.depth, list(self.view.blocks[state.depth: until]), state.hidden, arguments)
+        return replace(state, hidden=hidden, depth=until)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, m, D) -> (B, m, V) float32 logits through the model's own head (final norm + LM head)."""
@@ -578,9 +586,13 @@ class _Decoder:
         inputs = {"input_ids": self.pending[:, None], "position_ids": positions, "cache": self.cache, "use_cache": True}
         if self.slot_mask is not None:
             inputs["attention_mask"] = torch.cat([self.slot_mask, self.slot_mask.new_ones(batch, 1)], dim=1)
-        logits = self.model(**inputs).logits[:, -1].to(torch.float32)
-        if self.counts is not None:
-            self.counts = [c + 1 for c in self.counts]
+        if self.compiled is not None:  # the compiled blocks 1..L on the model's own block arguments
+            state = self._run(self.view.prepare(**inputs), self.num_layers)
+            logits = self._head(state.hidden)[:, -1]
+        else:
+            logits = self.model(**inputs).logits[:, -1].to(torch.float32)
+            if self.counts is not None:
+                self.counts = [c + 1 for c in self.counts]
         scores = self._process(self.length, logits)
         token, _ = self._pick(scores)
         if self.slot_mask is not None or not bool(active.all()):
@@ -641,6 +653,61 @@ class _Decoder:
                 return True
         self._finished_need_nothing()
         return False
+
+
+def _run_segment(blocks: list[nn.Module], hidden: torch.Tensor, arguments: list[tuple[tuple, dict]]) -> torch.Tensor:
+    """Blocks ``blocks`` in order on ``hidden``, each with its own captured ``(args, kwargs)``: what
+    :meth:`LayerView.run_blocks` does, as one function for ``torch.compile`` (one graph per segment and shape)."""
+    for block, (args, kwargs) in zip(blocks, arguments):
+        out = block(hidden, *args, **kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+    return hidden
+
+
+class _CompiledSegments:
+    """``torch.compile(_run_segment, **options)`` per (first block, last block, positions): each segment gets its own
+    copy of the function's code object, so each has its own graph cache (dynamo keeps graphs per code object and
+    would otherwise hit its recompile limit across the draft and verify segments of several (k, n))."""
+
+    def __init__(self, options: dict[str, Any]):
+        self.options = options
+        self.functions: dict[tuple[int, int, int, int], Any] = {}
+
+    def __call__(self, start: int, blocks: list[nn.Module], hidden: torch.Tensor,
+                 arguments: list[tuple[tuple, dict]]) -> torch.Tensor:
+        key = (start, start + len(blocks), hidden.shape[0], hidden.shape[1])
+        function = self.functions.get(key)
+        if function is None:
+            code = _run_segment.__code__.replace()
+            copy_ = types.FunctionType(code, _run_segment.__globals__, f"_run_segment_{key[0]}_{key[1]}_{key[3]}")
+            function = self.functions[key] = torch.compile(copy_, **self.options)
+        return function(blocks, hidden, arguments)
+
+
+_COMPILED: dict[str, _CompiledSegments] = {}
+
+
+def compiled_segment_runner(hf_model: nn.Module, config: GenerationConfig, cache: Any) -> _CompiledSegments | None:
+    """The compiled block runner of a call, or None: transformers' own rule for compiling the decoding steps of
+    ``generate`` (``GenerationMixin._valid_auto_compile_criteria``: a compileable, non-dynamic cache, i.e.
+    ``cache_implementation="static"``; a GPU-like device, or ``compile_config._compile_all_devices``; not
+    ``disable_compile``; no quantizer that forbids it; no CPU/disk offload), and its options
+    (``generation_config.compile_config``, else the model's default: inductor, ``mode="reduce-overhead"``).
+
+    The draft steps (blocks 1..k on one position), the verify pass (blocks k+1..L on n+1 positions) and the plain
+    steps of the automatic fallback run through ``torch.compile`` of :func:`_run_segment`, one graph per segment
+    and shape, kept here per compile configuration (not on the model). The prefill runs eagerly, as in
+    ``generate``."""
+    if not hasattr(hf_model, "_valid_auto_compile_criteria"):
+        return None
+    if not hf_model._valid_auto_compile_criteria({"cache": cache}, config):
+        return None
+    compile_config = config.compile_config or hf_model._default_compile_config()
+    options = compile_config.to_dict()
+    key = repr(sorted(options.items(), key=lambda item: item[0]))
+    if key not in _COMPILED:
+        _COMPILED[key] = _CompiledSegments(options)
+    return _COMPILED[key]
 
 
 def _same_value(a: Any, b: Any) -> bool:
@@ -794,6 +861,8 @@ def self_speculative(
             chooser = ExitChooser(view, fixed_exit_layer=None if exit_layer == "auto" else exit_layer,
                                   fixed_num_draft=None if num_draft_tokens == "auto" else num_draft_tokens)
         decoder.prefill(agreement_positions=chooser.prompt_positions if chooser is not None else 0)
+        decoder.compiled = compiled_segment_runner(hf_model, config, cache)  # the prefill runs eagerly
+        stats.compiled = decoder.compiled is not None
         done = decoder.emit()
         if chooser is not None and not done:
             chooser.calibrate(decoder)
@@ -811,7 +880,8 @@ def self_speculative(
                 if not chooser.plain:
                     chooser.observe_plain(time.perf_counter() - begin)
                 continue
-            n = max(0, min(n, int(remaining.max()) - 1))
+            if decoder.compiled is None:  # (compiled: keep n, one graph per (k, n); the extra tokens are never emitted)
+                n = max(0, min(n, int(remaining.max()) - 1))
             before = (stats.accepted, stats.drafted, stats.rejections)
             begin = time.perf_counter()
             decoder.round(k, n, stats)
