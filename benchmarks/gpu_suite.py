@@ -8,7 +8,7 @@ Sections (each a ratio against a baseline measured in the same run, median of in
 1. **Self-speculative decoding** of an aligned Llama trained here (the Python Language Reference shipped with CPython,
    PSF License; byte-level BPE): ``generate(custom_generate=hf_align.self_speculative)`` vs plain ``generate`` with
    the dynamic cache, vs plain ``generate`` with ``cache_implementation="static"`` (which transformers compiles on a
-   GPU), vs ``assistant_early_exit`` (batch 1 only: transformers' assisted decoding is batch-1). Batch 1 and 8,
+   GPU; so does hf-align, at the (k, n) the automatic choice settles on), vs ``assistant_early_exit`` (batch 1 only: transformers' assisted decoding is batch-1). Batch 1 and 8,
    bf16, greedy; outputs compared token for token with plain ``generate``.
 2. **Early-exit classification throughput**: an aligned ViT on scikit-learn's digits, ``EarlyExitModel`` at
    threshold 0.9 vs the full forward (images/s).
@@ -113,13 +113,23 @@ def decoding(model, tokenizer, texts, cfg, device, log):
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=cfg["new_tokens"], do_sample=False,
                    min_new_tokens=cfg["new_tokens"], pad_token_id=tokenizer.pad_token_id)
         reference = model.generate(**gen)
+        # the compiled path gets the (k, n) the automatic choice settles on with the dynamic cache, so it compiles
+        # one draft and one verify graph (an automatic choice would compile a pair for every (k, n) it tries)
+        chosen = hf_align.SpeculativeStats(exit_layer=0, num_draft_tokens=0, num_layers=L)
+        model.generate(**gen, custom_generate=hf_align.self_speculative, exit_layer="auto", speculative_stats=chosen)
+        k_fixed, n_fixed = max(1, chosen.exit_layer), max(1, chosen.num_draft_tokens)
+        log(f"decoding batch {batch}: the automatic choice settles on k={k_fixed}, n={n_fixed}")
         methods = {
             "generate (dynamic)": lambda gen=gen: model.generate(**gen),
             "generate (static, compiled on GPU)": lambda gen=gen: model.generate(**gen, cache_implementation="static"),
             "speculative (dynamic)": lambda gen=gen: model.generate(**gen, custom_generate=hf_align.self_speculative,
                                                             exit_layer="auto"),
             "speculative (static)": lambda gen=gen: model.generate(**gen, custom_generate=hf_align.self_speculative,
-                                                           exit_layer="auto", cache_implementation="static"),
+                                                           exit_layer="auto", cache_implementation="static",
+                                                           disable_compile=True),
+            "speculative (static, compiled on GPU)": lambda gen=gen, k=k_fixed, n=n_fixed: model.generate(
+                **gen, custom_generate=hf_align.self_speculative, exit_layer=k, num_draft_tokens=n,
+                cache_implementation="static"),
         }
         if batch == 1:
             methods["assistant_early_exit"] = lambda gen=gen: model.generate(**gen, assistant_early_exit=max(1, L // 4))
