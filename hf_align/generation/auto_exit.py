@@ -6,7 +6,8 @@ the draft count n inside the call, from the prompt and from the call's own round
   ``agree_l / total_l`` is how often its argmax equals the final argmax on the user's own text (not on a greedy
   continuation, which for a weak model is degenerate and flatters acceptance).
 * **Costs, measured on the call's own cache.** The model's preamble, one block and the head, on 1 and on n+1 new
-  positions (median of 3), right after the prefill.
+  positions (median of 3), right after the prefill: timed at 1 position, at the largest n+1 and at one size near 4;
+  the sizes between are interpolated linearly.
 * **Prediction.** With i.i.d. acceptance alpha a round emits ``E(alpha, n) = (1 - alpha^{n+1}) / (1 - alpha)``
   tokens and costs ``T(k, n) = (n+1)(t_pre_1 + k t_block_1) + n t_head_1 + t_pre_{n+1} + (L-k) t_block_{n+1} +
   t_head_{n+1}``; the choice maximises ``E(alpha_k, n) / T(k, n)``.
@@ -95,9 +96,19 @@ class ExitChooser:
             agree, total = agreement.get(k, (0, 0))
             self.agreement[k] = (agree, total)
             self.prior[k] = (agree + 1.0) / (total + 2.0)  # Laplace: no prompt positions -> 1/2
-        sizes = sorted({1, *(n + 1 for n in self.draft_counts)})
-        for m in sizes:
+        wanted = sorted({1, *(n + 1 for n in self.draft_counts)})
+        # timed at 1, the largest and (for more than one draft count) one middle size; sizes between are
+        # interpolated linearly (a block's cost on a CPU or GPU is close to affine in the positions at these sizes)
+        timed = sorted({1, wanted[-1], *([min(wanted, key=lambda m: abs(m - 4))] if len(wanted) > 2 else [])})
+        for m in timed:
             self.costs[m] = self._step_costs(decoder, m)
+        for m in wanted:
+            if m not in self.costs:
+                low = max(t for t in timed if t < m)
+                high = min(t for t in timed if t > m)
+                w = (m - low) / (high - low)
+                self.costs[m] = {part: (1 - w) * self.costs[low][part] + w * self.costs[high][part]
+                                 for part in self.costs[low]}
         self.current = self._best()
         self.history.append(self.current)
         self._check_plain()
