@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import transformers as T
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tiny_models import tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -544,3 +546,23 @@ def test_compiled_path_is_exact_and_compiles_each_segment_once():
     stock = ("_cache", "_previous_max_cache_length")
     assert _same((*before[:2], [v for v in before[2] if v not in stock], *before[3:]),
                  (*after[:2], [v for v in after[2] if v not in stock], *after[3:]))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(batch=st.integers(1, 16), k=st.sampled_from([1, 2, 3, "auto"]), n=st.integers(1, 6), seed=st.integers(0, 10**6),
+       new=st.integers(1, 14))
+def test_left_padded_batches_of_1_to_16_equal_generate(llama, batch, k, n, seed, new):
+    """Any batch of 1-16 left-padded prompts of ragged lengths (rows keep their own accepted counts), any (k, n):
+    token for token stock generate's greedy output."""
+    g = torch.Generator().manual_seed(seed)
+    width = int(torch.randint(3, 12, (1,), generator=g))
+    ids = torch.randint(1, 99, (batch, width), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : int(torch.randint(0, width - 1, (1,), generator=g))] = 0
+    ids[mask == 0] = 0
+    gen = dict(max_new_tokens=new, do_sample=False, eos_token_id=None)
+    reference = llama.generate(input_ids=ids, attention_mask=mask, **gen)
+    extra = dict(exit_layer=k) if k == "auto" else dict(exit_layer=k, num_draft_tokens=n)
+    ours = llama.generate(input_ids=ids, attention_mask=mask, custom_generate=self_speculative, **extra, **gen)
+    assert torch.equal(ours, reference)
