@@ -2,13 +2,15 @@
 cost more than its LM head), pre-trained with the standard loss and continued with the aligned loss.
 
     python benchmarks/lm_decoding_model.py [--pretrain-steps 1600] [--continue-steps 400] [--threads 2]
+    python benchmarks/lm_decoding_model.py --recipe scratch [--scratch-steps 2400]     # llama8x256-scratch
     python benchmarks/speculative_batched.py --model-dir benchmarks/.cache/lm_decoding/llama8x256-aligned \
         --texts debian-docs --name llama8x256-aligned
 
 Text: Debian's python3.11-doc reST sources, the held-out documents of ``lm_continued_training.py`` kept out (the
 same split); byte-level BPE with 4,096 tokens; blocks of 128 tokens, batches of 8. Pre-training: standard, AdamW
 peak lr 2e-3, cosine. Continuation: 25% of that, aligned (``layer_weights="linear"``), peak lr 5e-4, on another
-draw of the text. Saved (safetensors + tokenizer) under ``benchmarks/.cache/lm_decoding/``.
+draw of the text. ``--recipe scratch``: the aligned loss (linear weights, gradual curriculum) from random
+initialisation, peak lr 2e-3, cosine (the recipe ``lm_continued_training.py`` found best on every block). Saved (safetensors + tokenizer) under ``benchmarks/.cache/lm_decoding/``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main():
     parser.add_argument("--pretrain-steps", type=int, default=1600)
     parser.add_argument("--continue-steps", type=int, default=400)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--recipe", choices=["continued", "scratch"], default="continued")
+    parser.add_argument("--scratch-steps", type=int, default=2400)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -49,12 +53,15 @@ def main():
     test = test.select(range(0, len(test), max(1, len(test) // 128))[:128])
     stages = [("llama8x256-pretrained", "last", args.pretrain_steps, dict(learning_rate=2e-3, warmup_steps=40)),
               ("llama8x256-aligned", "linear", args.continue_steps, dict(learning_rate=5e-4, warmup_steps=25, data_seed=1))]
+    if args.recipe == "scratch":
+        stages = [("llama8x256-scratch", "linear", args.scratch_steps,
+                   dict(learning_rate=2e-3, warmup_steps=40, early_exit_curriculum="gradual"))]
     for name, weights, steps, schedule in stages:
         out = os.path.join(ROOT, name)
         if os.path.exists(os.path.join(out, "hf_align_benchmark.json")):
             print(f"{name}: cached")
             continue
-        if weights == "last":
+        if weights == "last" or args.recipe == "scratch":
             torch.manual_seed(0)
             model = LlamaForCausalLM(LlamaConfig(
                 vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=8,
