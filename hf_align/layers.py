@@ -362,6 +362,17 @@ def preserved_state(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
+def run_block_sequence(blocks: list[nn.Module], hidden: torch.Tensor,
+                       arguments: list[tuple[tuple, dict]]) -> torch.Tensor:
+    """``blocks`` in order on ``hidden``, each with its own captured ``(args, kwargs)``; a block's output is its
+    hidden state, or a tuple / ModelOutput whose first item is. The one loop every block runs through (eager, or
+    as the function a compiled runner compiles: :mod:`hf_align.generation.compiled`)."""
+    for block, (args, kwargs) in zip(blocks, arguments):
+        out = block(hidden, *args, **kwargs)
+        hidden = out if isinstance(out, torch.Tensor) else out[0]
+    return hidden
+
+
 class LayerView:
     """A view of a supported Hugging Face model's layers (see the module docstring).
 
@@ -682,19 +693,27 @@ class LayerView:
         state is not modified."""
         if state.depth >= self.num_layers:
             raise ValueError(f"the state is already after the last block ({self.num_layers})")
-        args, kwargs = state.arguments_of(state.depth + 1)
-        out = self.blocks[state.depth](state.hidden, *args, **kwargs)
-        if not isinstance(out, torch.Tensor):  # tuples and ModelOutputs: hidden states first
-            out = out[0]
-        return replace(state, hidden=out, depth=state.depth + 1)
+        return self.run_blocks(state, state.depth + 1)
 
-    def run_blocks(self, state: LayerState, until: int) -> LayerState:
-        """Run blocks ``state.depth + 1 .. until``; blocks after ``until`` never run."""
+    def segment(self, state: LayerState, until: int) -> tuple[list[nn.Module], list[tuple[tuple, dict]]]:
+        """Blocks ``state.depth + 1 .. until`` and each one's own ``(args, kwargs)``: the input of
+        :func:`run_block_sequence` (what a compiled runner takes)."""
         if not state.depth <= until <= self.num_layers:
             raise ValueError(f"until must be in [{state.depth}, {self.num_layers}], got {until}")
-        while state.depth < until:
-            state = self.run_block(state)
-        return state
+        return (list(self.blocks[state.depth: until]),
+                [state.arguments_of(layer + 1) for layer in range(state.depth, until)])
+
+    def run_blocks(self, state: LayerState, until: int, runner: Any = None) -> LayerState:
+        """Run blocks ``state.depth + 1 .. until``; blocks after ``until`` never run. ``runner``: a replacement for
+        :func:`run_block_sequence` with its signature (a compiled copy), given the first block's index first."""
+        blocks, arguments = self.segment(state, until)
+        if not blocks:
+            return state
+        if runner is None:
+            hidden = run_block_sequence(blocks, state.hidden, arguments)
+        else:
+            hidden = runner(state.depth, blocks, state.hidden, arguments)
+        return replace(state, hidden=hidden, depth=until)
 
     def forward_until(self, k: int, **inputs: Any) -> torch.Tensor:
         """Hidden state (B, T, D) after block ``k`` (0 = embedding output); runs exactly k blocks."""

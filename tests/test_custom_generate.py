@@ -489,13 +489,16 @@ def _compile_everywhere(**kwargs):
 def test_compiled_path_follows_generates_compile_criteria(llama, monkeypatch):
     """torch.compile is used exactly where generate would compile its decoding steps: a static cache, on a GPU-like
     device or with compile_config._compile_all_devices, and not with disable_compile."""
-    from hf_align.generation import speculative as S
+    from collections import OrderedDict
+
+    from hf_align.generation import compiled as C
+    from hf_align.layers import run_block_sequence
 
     compiled = []
-    monkeypatch.setattr(S, "_COMPILED", {})
-    monkeypatch.setattr(S._CompiledSegments, "__call__",
+    monkeypatch.setattr(C, "_COMPILED", OrderedDict())
+    monkeypatch.setattr(C.CompiledSegments, "__call__",
                         lambda self, start, blocks, hidden, arguments: compiled.append(start) or
-                        S._run_segment(blocks, hidden, arguments))
+                        run_block_sequence(blocks, hidden, arguments))
     ids, mask = _ragged(2)
     cases = [
         (dict(), False),  # dynamic cache
@@ -516,12 +519,46 @@ def test_compiled_path_follows_generates_compile_criteria(llama, monkeypatch):
             assert set(compiled) == {0, 2}
 
 
+def test_compiled_segments_are_bounded_least_recently_used_first(monkeypatch):
+    """The compiled copies are kept per segment and shape up to a bound, the least recently used dropped first, and
+    the compile configurations likewise: a long process does not accumulate graphs without bound."""
+    from collections import OrderedDict
+
+    from hf_align.generation import compiled as C
+
+    made = []
+    monkeypatch.setattr(C.torch, "compile", lambda fn, **options: made.append(fn.__name__) or fn)
+    runner = C.CompiledSegments({}, max_segments=2)
+    block = torch.nn.Linear(3, 3)
+    for start, positions in [(0, 1), (2, 4), (0, 1), (1, 1), (2, 4)]:
+        hidden = torch.randn(1, positions, 3)
+        out = runner(start, [block], hidden, [((), {})])
+        torch.testing.assert_close(out, block(hidden))
+    # (0,1) hit once; (1,1) evicts (2,4), the least recently used; (2,4) is then compiled again, evicting (0,1)
+    assert made == ["run_block_sequence_0_1_1x1", "run_block_sequence_2_3_1x4", "run_block_sequence_1_2_1x1",
+                    "run_block_sequence_2_3_1x4"]
+    assert list(runner.functions) == [(1, 2, 1, 1), (2, 3, 1, 4)]
+    assert len({id(f.__code__) for f in runner.functions.values()}) == 2  # each its own code object
+
+    monkeypatch.setattr(C, "_COMPILED", OrderedDict())
+    model = _decoder(seed=0)
+    cache = T.StaticCache(config=model.config, max_cache_len=8)
+    configs = [_compile_everywhere(mode=mode) for mode in ("default", "reduce-overhead", "max-autotune",
+                                                            "max-autotune-no-cudagraphs", "default")]
+    configs.append(_compile_everywhere(mode="default", fullgraph=not T.CompileConfig().fullgraph))
+    runners = [C.compiled_segment_runner(model, T.GenerationConfig(compile_config=c), cache) for c in configs]
+    assert runners[4] is runners[0]  # the same options: the same runner, now the most recently used
+    assert len(C._COMPILED) == C.MAX_CONFIGURATIONS == 4
+    # the sixth configuration evicted the least recently used one ("reduce-overhead"), not the re-used "default"
+    assert runners[1] not in C._COMPILED.values() and runners[0] in C._COMPILED.values()
+
+
 @pytest.mark.slow
 def test_compiled_path_is_exact_and_compiles_each_segment_once():
     """Under torch.compile (inductor, on this CPU through _compile_all_devices), greedy output still equals stock
     generate token for token, for a fixed (k, n) and for the automatic choice with its plain fallback; a second call
     compiles no new graph; nothing stays on the model."""
-    from hf_align.generation import speculative as S
+    from hf_align.generation import compiled as C
 
     model = _decoder(seed=5)
     before = _fingerprint(model)
@@ -538,7 +575,7 @@ def test_compiled_path_is_exact_and_compiles_each_segment_once():
                                  speculative_stats=stats, **options, **gen)
             assert torch.equal(out, reference), options
             assert stats.compiled
-            graphs.append(sum(len(c.functions) for c in S._COMPILED.values()))
+            graphs.append(sum(len(c.functions) for c in C._COMPILED.values()))
         assert graphs[1] == graphs[0] and graphs[0] >= 1
     assert not hasattr(model, "_compiled_call")
     after = _fingerprint(model)

@@ -10,8 +10,10 @@ module says so before any forward runs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
+import types
 import weakref
 from typing import Any
 
@@ -215,6 +217,14 @@ def check_front(model: Any, input_ids: Any, attention_mask: Any, who: str = DECO
     return hf_model
 
 
+@functools.cache
+def _generate_code() -> types.CodeType:
+    """The code object of ``GenerationMixin.generate`` under its decorators (looked up once per process)."""
+    from transformers.generation.utils import GenerationMixin
+
+    return inspect.unwrap(GenerationMixin.generate).__code__
+
+
 def generate_streamer(streamer: Any) -> Any:
     """The streamer of the ``generate`` call that invoked this ``custom_generate`` callable.
 
@@ -226,9 +236,7 @@ def generate_streamer(streamer: Any) -> Any:
     explicitly wins; outside ``generate`` this returns ``None``."""
     if streamer is not None:
         return streamer
-    from transformers.generation.utils import GenerationMixin
-
-    code = inspect.unwrap(GenerationMixin.generate).__code__
+    code = _generate_code()
     frame = sys._getframe(1)
     for _ in range(16):  # generate -> (decorators) -> the callable
         frame = frame.f_back

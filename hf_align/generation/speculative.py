@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import copy
 import time
-import types
 import warnings
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,6 +49,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..hub import EXIT_LAYER_KEY, NUM_DRAFT_KEY
 from ..layers import LayerView, preserved_state, unwrap_model
 from .auto_exit import AUTO_DRAFT_COUNTS, ExitChooser
+from .compiled import compiled_segment_runner
 from .front_door import (
     EMPTY_CONTEXT,
     check_attention_mask,
@@ -358,11 +358,7 @@ class _Decoder:
         if self.counts is not None:
             for layer in range(state.depth, until):
                 self.counts[layer] += state.hidden.shape[1]
-        if self.compiled is None or until == state.depth:
-            return self.view.run_blocks(state, until)
-        arguments = [state.arguments_of(layer + 1) for layer in range(state.depth, until)]
-        hidden = self.compiled(state.depth, list(self.view.blocks[state.depth: until]), state.hidden, arguments)
-        return replace(state, hidden=hidden, depth=until)
+        return self.view.run_blocks(state, until, runner=self.compiled)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, m, D) -> (B, m, V) float32 logits through the model's own head (final norm + LM head)."""
@@ -653,61 +649,6 @@ class _Decoder:
                 return True
         self._finished_need_nothing()
         return False
-
-
-def _run_segment(blocks: list[nn.Module], hidden: torch.Tensor, arguments: list[tuple[tuple, dict]]) -> torch.Tensor:
-    """Blocks ``blocks`` in order on ``hidden``, each with its own captured ``(args, kwargs)``: what
-    :meth:`LayerView.run_blocks` does, as one function for ``torch.compile`` (one graph per segment and shape)."""
-    for block, (args, kwargs) in zip(blocks, arguments):
-        out = block(hidden, *args, **kwargs)
-        hidden = out if isinstance(out, torch.Tensor) else out[0]
-    return hidden
-
-
-class _CompiledSegments:
-    """``torch.compile(_run_segment, **options)`` per (first block, last block, positions): each segment gets its own
-    copy of the function's code object, so each has its own graph cache (dynamo keeps graphs per code object and
-    would otherwise hit its recompile limit across the draft and verify segments of several (k, n))."""
-
-    def __init__(self, options: dict[str, Any]):
-        self.options = options
-        self.functions: dict[tuple[int, int, int, int], Any] = {}
-
-    def __call__(self, start: int, blocks: list[nn.Module], hidden: torch.Tensor,
-                 arguments: list[tuple[tuple, dict]]) -> torch.Tensor:
-        key = (start, start + len(blocks), hidden.shape[0], hidden.shape[1])
-        function = self.functions.get(key)
-        if function is None:
-            code = _run_segment.__code__.replace()
-            copy_ = types.FunctionType(code, _run_segment.__globals__, f"_run_segment_{key[0]}_{key[1]}_{key[3]}")
-            function = self.functions[key] = torch.compile(copy_, **self.options)
-        return function(blocks, hidden, arguments)
-
-
-_COMPILED: dict[str, _CompiledSegments] = {}
-
-
-def compiled_segment_runner(hf_model: nn.Module, config: GenerationConfig, cache: Any) -> _CompiledSegments | None:
-    """The compiled block runner of a call, or None: transformers' own rule for compiling the decoding steps of
-    ``generate`` (``GenerationMixin._valid_auto_compile_criteria``: a compileable, non-dynamic cache, i.e.
-    ``cache_implementation="static"``; a GPU-like device, or ``compile_config._compile_all_devices``; not
-    ``disable_compile``; no quantizer that forbids it; no CPU/disk offload), and its options
-    (``generation_config.compile_config``, else the model's default: inductor, ``mode="reduce-overhead"``).
-
-    The draft steps (blocks 1..k on one position), the verify pass (blocks k+1..L on n+1 positions) and the plain
-    steps of the automatic fallback run through ``torch.compile`` of :func:`_run_segment`, one graph per segment
-    and shape, kept here per compile configuration (not on the model). The prefill runs eagerly, as in
-    ``generate``."""
-    if not hasattr(hf_model, "_valid_auto_compile_criteria"):
-        return None
-    if not hf_model._valid_auto_compile_criteria({"cache": cache}, config):
-        return None
-    compile_config = config.compile_config or hf_model._default_compile_config()
-    options = compile_config.to_dict()
-    key = repr(sorted(options.items(), key=lambda item: item[0]))
-    if key not in _COMPILED:
-        _COMPILED[key] = _CompiledSegments(options)
-    return _COMPILED[key]
 
 
 def _same_value(a: Any, b: Any) -> bool:
